@@ -1,0 +1,83 @@
+"""Assemble: lay the run's artifacts out as the Hub repository Apple's consumers expect.
+
+```
+<variant>/packages/Stable_Diffusion_version_<model>_<component>.mlpackage
+vocab.json, merges.txt          tokenizer files the Swift pipeline reads
+recipe.yaml                     the exact recipe of this run
+publish_report.json             what was built and measured
+README.md                       the model card
+```
+
+The folder is built in a staging directory beside the output and renamed into place only when
+complete, so a failed run never leaves a half-written repository.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from publisher.errors import PublisherError
+from publisher.report import REPORT_NAME, PublishReport
+
+RECIPE_NAME = "recipe.yaml"
+CARD_NAME = "README.md"
+
+
+def package_name(model_version: str, component: str) -> str:
+    """Apple's naming: ``Stable_Diffusion_version_<model id with / -> _>_<component>.mlpackage``."""
+    return f"Stable_Diffusion_version_{model_version.replace('/', '_')}_{component}.mlpackage"
+
+
+def package_path(variant_folder: str, model_version: str, component: str) -> str:
+    return f"{variant_folder}/packages/{package_name(model_version, component)}"
+
+
+def assemble(
+    staging: Path,
+    *,
+    packages: dict[str, Path],
+    tokenizer_files: list[Path],
+    recipe_text: str,
+    report: PublishReport,
+    card: str,
+) -> Path:
+    """Write the repository into ``staging`` (which must not exist yet).
+
+    ``packages`` maps each package's path inside the repository to the package built for it.
+    """
+    staging.mkdir(parents=True)
+    for relative, built in sorted(packages.items()):
+        destination = staging / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(built, destination)
+    for file in tokenizer_files:
+        shutil.copy2(file, staging / file.name)
+    (staging / RECIPE_NAME).write_text(recipe_text, encoding="utf-8")
+    report.write(staging)
+    (staging / CARD_NAME).write_text(card, encoding="utf-8")
+    return staging
+
+
+def is_publisher_output(folder: Path) -> bool:
+    return (folder / REPORT_NAME).is_file()
+
+
+def check_destination(out: Path) -> None:
+    """Refuse to replace a folder this tool did not write: it may hold someone's work."""
+    if out.exists() and not (out.is_dir() and (is_publisher_output(out) or not any(out.iterdir()))):
+        raise PublisherError(f"{out} exists and is not a coreml-publisher output; choose another --out")
+
+
+def promote(staging: Path, out: Path) -> Path:
+    """Move the finished ``staging`` folder to ``out``, replacing a previous publish there."""
+    check_destination(out)
+    retired = out.with_name(f".{out.name}.previous")
+    if retired.exists():
+        shutil.rmtree(retired)
+    if out.exists():
+        out.rename(retired)
+    staging.rename(out)
+    if retired.exists():
+        shutil.rmtree(retired)
+    return out

@@ -1,0 +1,289 @@
+"""Load an .mlpackage's ML Program on any OS and compile it into a list of torch steps.
+
+The spec comes from `MLModel(..., skip_model_load=True).get_spec()` and the pymil Program from
+coremltools' milproto loader reading the package's own `weights/` blobs, so the executor runs the
+exact bytes that ship. Constants and decompressed constexpr weights are materialized once, here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from publisher.executor.constexpr import DECOMPRESSORS, as_tensor
+from publisher.executor.errors import ExecutorError, UnsupportedOpError
+from publisher.executor.ops import OPS, OpFn
+
+_OPSET_NAMES = {"CoreML5": "iOS15", "CoreML6": "iOS16", "CoreML7": "iOS17", "CoreML8": "iOS18"}
+
+# MIL dtype -> dtype the executor holds values in. torch lacks arithmetic on uint16/uint32, so
+# those are held widened (their values fit) and narrowed again for the caller.
+_HOLD_DTYPES = {
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp64": torch.float64,
+    "bool": torch.bool,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "uint16": torch.int32,
+    "int32": torch.int32,
+    "uint32": torch.int64,
+    "int64": torch.int64,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as the Program declares it."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    """Static dimensions as ints; symbolic ones as their symbol's name."""
+    dtype: str
+    """MIL dtype name: fp16, fp32, int32, bool, ..."""
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """The numpy dtype of this tensor's values."""
+        return np.dtype("bool" if self.dtype == "bool" else _NUMPY_NAMES.get(self.dtype, self.dtype))
+
+    @property
+    def is_static(self) -> bool:
+        """True when every dimension is known."""
+        return all(isinstance(d, int) for d in self.shape)
+
+
+_NUMPY_NAMES = {"fp16": "float16", "fp32": "float32", "fp64": "float64"}
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    """What the Program declares about one op output."""
+
+    name: str
+    dtype: torch.dtype
+    """The declared dtype as held by the executor."""
+    shape: tuple[int, ...] | None
+    """The declared shape, None where it has symbolic dimensions."""
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+@dataclass
+class Step:
+    """One non-constant op, ready to run."""
+
+    op_type: str
+    name: str
+    fn: OpFn
+    native_half: bool
+    inputs: dict[str, Any]
+    """Input name -> env var name (str), constant tensor, or a tuple of those."""
+    raw: dict[str, Any]
+    """Input name -> value of each constant input (for parameters such as axes or pad_type)."""
+    outputs: tuple[ValueInfo, ...]
+    out_dtypes: tuple[torch.dtype, ...]
+    release: tuple[str, ...] = ()
+    """Values whose last use is this step: dropped right after it."""
+
+
+@dataclass
+class LoadedProgram:
+    """An ML Program's main function, compiled for the torch executor."""
+
+    path: Path
+    function: Any
+    """The pymil Function (kept for introspection: ops, declared types)."""
+    opset: str
+    inputs: dict[str, TensorSpec]
+    outputs: list[TensorSpec]
+    steps: list[Step]
+    constants: dict[str, torch.Tensor] = field(repr=False)
+    load_seconds: float = 0.0
+    """Reading the spec and weights and rebuilding the pymil Program."""
+    decompress_seconds: float = 0.0
+    """Materializing constants and decompressing constexpr weights."""
+
+    @property
+    def op_types(self) -> set[str]:
+        """The compute op types this program runs (constants excluded)."""
+        return {step.op_type for step in self.steps}
+
+
+def _type_name(var: Any) -> str:
+    from coremltools.converters.mil.mil import types
+
+    return types.builtin_to_string(var.dtype)
+
+
+def _static_shape(var: Any) -> tuple[int, ...] | None:
+    shape = tuple(var.shape)
+    if all(isinstance(d, (int, np.integer)) for d in shape):
+        return tuple(int(d) for d in shape)
+    return None
+
+
+def _spec(name: str, var: Any) -> TensorSpec:
+    shape = tuple(int(d) if isinstance(d, (int, np.integer)) else str(d) for d in var.shape)
+    return TensorSpec(name=name, shape=shape, dtype=_type_name(var))
+
+
+def _value_info(var: Any, component: str, opset: str, op_type: str) -> ValueInfo:
+    from coremltools.converters.mil.mil import types
+
+    if not types.is_tensor(var.sym_type) and not types.is_scalar(var.sym_type):
+        raise UnsupportedOpError(op_type, opset, component, f"output '{var.name}' is not a tensor")
+    dtype = _HOLD_DTYPES.get(_type_name(var))
+    if dtype is None:
+        raise UnsupportedOpError(op_type, opset, component, f"output dtype {_type_name(var)}")
+    return ValueInfo(var.name, dtype, _static_shape(var))
+
+
+def _read_program(path: Path) -> tuple[Any, Any, Any]:
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = model.get_spec()
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise ExecutorError(f"{path}: not an ML Program (model type {spec.WhichOneof('Type')})")
+    program = milproto.load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir or "")
+    return spec, program, model
+
+
+def load_program(package: Path | str) -> LoadedProgram:
+    """Load `package` (.mlpackage) into a LoadedProgram: weights read and decompressed, ops resolved.
+
+    Raises UnsupportedOpError naming the op, its opset and the package for any op the executor
+    does not implement, and ExecutorError when the package cannot be read.
+    """
+    path = Path(package)
+    component = str(path)
+    if not path.exists():
+        raise ExecutorError(f"{path}: no such model package")
+    start = time.perf_counter()
+    # coremltools logs a warning per missing macOS-only runtime proxy; they are expected here.
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    try:
+        spec, program, _ = _read_program(path)
+    except ExecutorError:
+        raise
+    except Exception as exc:
+        raise ExecutorError(f"{path}: cannot read the ML Program: {exc}") from exc
+    function_name = spec.description.defaultFunctionName or "main"
+    function = program.functions[function_name]
+    opset_key = spec.mlProgram.functions[function_name].opset
+    opset = _OPSET_NAMES.get(opset_key, opset_key)
+    loaded_at = time.perf_counter()
+
+    inputs = {name: _spec(name, var) for name, var in function.inputs.items()}
+    output_names = [o.name for o in spec.description.output] or [v.name for v in function.outputs]
+    outputs = [_spec(name, var) for name, var in zip(output_names, function.outputs)]
+
+    constants: dict[str, torch.Tensor] = {}
+    raw: dict[str, Any] = {}
+    steps: list[Step] = []
+    with torch.inference_mode():
+        for op in function.operations:
+            if op.op_type == "const":
+                var = op.outputs[0]
+                raw[var.name] = var.val
+                if not isinstance(var.val, str):
+                    constants[var.name] = as_tensor(var.val)
+            elif op.op_type.startswith("constexpr_"):
+                _decompress(op, constants, raw, component, opset)
+            else:
+                steps.append(_compile(op, constants, raw, component, opset))
+    _plan_release(steps, {v.name for v in function.outputs})
+    done = time.perf_counter()
+    return LoadedProgram(
+        path=path,
+        function=function,
+        opset=opset,
+        inputs=inputs,
+        outputs=outputs,
+        steps=steps,
+        constants=constants,
+        load_seconds=loaded_at - start,
+        decompress_seconds=done - loaded_at,
+    )
+
+
+def _decompress(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], component: str,
+                opset: str) -> None:
+    decompress = DECOMPRESSORS.get(op.op_type)
+    if decompress is None:
+        raise UnsupportedOpError(op.op_type, opset, component)
+    args = {
+        name: constants[var.name] if var.name in constants else raw.get(var.name)
+        for name, var in op.inputs.items()
+    }
+    result = decompress(args)
+    results = result if isinstance(result, tuple) else (result,)
+    for var, tensor in zip(op.outputs, results):
+        declared = _HOLD_DTYPES.get(_type_name(var))
+        if declared is not None and declared.is_floating_point and tensor.dtype != declared:
+            tensor = tensor.to(declared)
+        constants[var.name] = tensor
+
+
+def _compile(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], component: str,
+             opset: str) -> Step:
+    impl = OPS.get(op.op_type)
+    if impl is None or op.blocks:
+        raise UnsupportedOpError(op.op_type, opset, component)
+    inputs: dict[str, Any] = {}
+    raw_inputs: dict[str, Any] = {}
+
+    def bind(var: Any) -> Any:
+        return constants.get(var.name, var.name) if var.name in raw else var.name
+
+    for name, value in op.inputs.items():
+        if isinstance(value, (tuple, list)):
+            inputs[name] = tuple(bind(v) for v in value)
+            if all(v.name in raw for v in value):
+                raw_inputs[name] = tuple(raw[v.name] for v in value)
+        else:
+            if value.name in raw:
+                raw_inputs[name] = raw[value.name]
+                if value.name not in constants:
+                    continue
+            inputs[name] = bind(value)
+    outputs = tuple(_value_info(v, component, opset, op.op_type) for v in op.outputs)
+    return Step(
+        op_type=op.op_type,
+        name=op.name,
+        fn=impl.fn,
+        native_half=impl.native_half,
+        inputs=inputs,
+        raw=raw_inputs,
+        outputs=outputs,
+        out_dtypes=tuple(o.dtype for o in outputs),
+    )
+
+
+def _plan_release(steps: list[Step], keep: set[str]) -> None:
+    """Give each step the values to drop after it runs: those it is the last reader of."""
+    last_use: dict[str, int] = {}
+    for index, step in enumerate(steps):
+        for out in step.outputs:
+            last_use[out.name] = index
+        for value in step.inputs.values():
+            for ref in value if isinstance(value, tuple) else (value,):
+                if isinstance(ref, str):
+                    last_use[ref] = index
+    release: dict[int, list[str]] = {}
+    for name, index in last_use.items():
+        if name not in keep:
+            release.setdefault(index, []).append(name)
+    for index, step in enumerate(steps):
+        step.release = tuple(release.get(index, ()))

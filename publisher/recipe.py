@@ -1,0 +1,468 @@
+"""Recipe: the YAML file a maintainer writes, validated once into typed objects.
+
+Every later stage receives a :class:`Recipe`; none of them reads YAML or dicts. Errors name the
+file, the line and the field (``recipes/x.yaml:12: compression.unet.palettize.nbits: 5 is not
+one of 1,2,3,4,6,8``) so a maintainer can fix them without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from publisher.errors import RecipeError
+
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+Component = Literal["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
+PALETTIZE_NBITS = (1, 2, 3, 4, 6, 8)
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Target(str, Enum):
+    """Minimum deployment targets, ordered by the Core ML opset they unlock."""
+
+    iOS16 = "iOS16"
+    iOS17 = "iOS17"
+    iOS18 = "iOS18"
+    macOS13 = "macOS13"
+    macOS14 = "macOS14"
+    macOS15 = "macOS15"
+
+    @property
+    def opset(self) -> int:
+        """The iOS-equivalent generation: macOS13 ships the iOS16 opset, and so on."""
+        return {"iOS16": 16, "iOS17": 17, "iOS18": 18, "macOS13": 16, "macOS14": 17, "macOS15": 18}[self.value]
+
+
+def _check_repo_id(value: str) -> str:
+    if not _REPO_ID.match(value):
+        raise ValueError(f"{value!r} is not a Hub repo id of the form 'namespace/name'")
+    return value
+
+
+RepoId = Annotated[str, AfterValidator(_check_repo_id)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    """Where the diffusers pipeline comes from: a pinned Hub revision or a local folder."""
+
+    repo: RepoId | None = None
+    revision: str | None = None
+    path: Path | None = None
+    family: Literal["sd1", "sd2", "sdxl"] | None = None
+
+    @field_validator("revision")
+    @classmethod
+    def _pinned(cls, value: str | None) -> str | None:
+        # A branch name would make two runs of the same recipe publish different weights.
+        if value is not None and not _COMMIT_SHA.match(value):
+            raise ValueError(f"{value!r} is not a 40-character commit sha: pin the exact revision")
+        return value
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> Source:
+        if (self.repo is None) == (self.path is None):
+            raise ValueError("give exactly one of 'repo' (with 'revision') or 'path'")
+        if self.repo is not None and self.revision is None:
+            raise ValueError("'revision' is required with 'repo': pin a commit sha")
+        if self.path is not None and self.revision is not None:
+            raise ValueError("'revision' only applies to 'repo', not to a local 'path'")
+        return self
+
+
+class PublishTarget(_Strict):
+    repo: RepoId
+    private: bool = False
+
+
+class Variant(_Strict):
+    """One attention implementation, published under its own folder."""
+
+    attention: Literal["original", "split_einsum", "split_einsum_v2"] = "original"
+    folder: str | None = None
+
+    @field_validator("folder")
+    @classmethod
+    def _safe_folder(cls, value: str | None) -> str | None:
+        if value is not None and not _FOLDER.match(value):
+            raise ValueError(f"{value!r} must be one plain folder name (letters, digits, '.', '_', '-')")
+        return value
+
+    @property
+    def folder_name(self) -> str:
+        return self.folder or self.attention
+
+
+class Conversion(_Strict):
+    components: tuple[Component, ...] = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+    precision: Literal["float16", "float32"] = "float16"
+    minimum_deployment_target: Target = Target.iOS16
+    image_size: Annotated[int, Field(ge=64, le=2048, multiple_of=64)] | None = None
+    unet_batch: Annotated[int, Field(ge=1, le=8)] = 2
+
+    @field_validator("components")
+    @classmethod
+    def _unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("list at least one component")
+        if len(set(value)) != len(value):
+            raise ValueError("a component is listed twice")
+        return value
+
+
+class Palettize(_Strict):
+    """k-means (or uniform) look-up-table compression, decompressed just in time by Core ML."""
+
+    nbits: Literal[1, 2, 3, 4, 6, 8]
+    mode: Literal["kmeans", "uniform"] = "kmeans"
+    granularity: Literal["per_tensor", "per_grouped_channel"] = "per_tensor"
+    group_size: Annotated[int, Field(ge=1, le=4096)] = 16
+
+
+class Quantize(_Strict):
+    """Linear (affine) weight quantization."""
+
+    nbits: Literal[4, 8] = 8
+    granularity: Literal["per_channel", "per_block"] = "per_channel"
+    block_size: Annotated[int, Field(ge=1, le=4096)] = 32
+
+
+class Prune(_Strict):
+    """Magnitude pruning: unstructured ``sparsity`` or an ``n:m`` pattern."""
+
+    sparsity: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    n_m: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=2)]] | None = None
+
+    @model_validator(mode="after")
+    def _one_pattern(self) -> Prune:
+        if (self.sparsity is None) == (self.n_m is None):
+            raise ValueError("give exactly one of 'sparsity' or 'n_m'")
+        if self.n_m is not None and self.n_m[0] >= self.n_m[1]:
+            raise ValueError(f"n_m {list(self.n_m)}: n must be smaller than m")
+        return self
+
+
+class Scheme(_Strict):
+    """The compression of one component. ``none`` in YAML is an empty scheme."""
+
+    palettize: Palettize | None = None
+    quantize: Quantize | None = None
+    prune: Prune | None = None
+    weight_threshold: Annotated[int, Field(ge=0)] = 2048
+
+    @model_validator(mode="after")
+    def _compatible(self) -> Scheme:
+        if self.palettize and self.quantize:
+            raise ValueError("choose 'palettize' or 'quantize', not both")
+        if self.quantize and self.prune:
+            raise ValueError("'prune' combines with 'palettize' only, not with 'quantize'")
+        return self
+
+    @property
+    def is_none(self) -> bool:
+        return not (self.palettize or self.quantize or self.prune)
+
+    @property
+    def min_opset(self) -> int:
+        """The oldest Core ML opset (iOS generation) that can store this scheme."""
+        needs_18 = (
+            (self.palettize and self.prune)
+            or (self.palettize and self.palettize.granularity == "per_grouped_channel")
+            or (self.quantize and (self.quantize.nbits == 4 or self.quantize.granularity == "per_block"))
+        )
+        return 18 if needs_18 else 16
+
+    def describe(self) -> str:
+        """One human-readable line, used by `plan`, the report and the card."""
+        parts = []
+        if self.prune:
+            pattern = f"{self.prune.n_m[0]}:{self.prune.n_m[1]}" if self.prune.n_m else f"{self.prune.sparsity:g}"
+            parts.append(f"prune {pattern}")
+        if self.palettize:
+            grouped = (
+                f", grouped channels of {self.palettize.group_size}"
+                if self.palettize.granularity == "per_grouped_channel"
+                else ""
+            )
+            parts.append(f"palettize {self.palettize.nbits}-bit {self.palettize.mode}{grouped}")
+        if self.quantize:
+            block = f", blocks of {self.quantize.block_size}" if self.quantize.granularity == "per_block" else ""
+            parts.append(f"quantize {self.quantize.nbits}-bit linear {self.quantize.granularity}{block}")
+        return " + ".join(parts) or "none"
+
+
+def _scheme_or_none(value: Any) -> Any:
+    return {} if value in ("none", None) else value
+
+
+SchemeField = Annotated[Scheme, Field(default_factory=Scheme)]
+
+
+class Compression(_Strict):
+    text_encoder: SchemeField
+    text_encoder_2: SchemeField
+    unet: SchemeField
+    vae_decoder: SchemeField
+    vae_encoder: SchemeField
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_words(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: _scheme_or_none(value) for key, value in data.items()}
+        return data
+
+    def for_component(self, component: str) -> Scheme:
+        return getattr(self, component)
+
+
+class Parity(_Strict):
+    min_psnr: Annotated[float, Field(ge=0, le=200)] = 35.0
+    per_component: dict[Component, Annotated[float, Field(ge=0, le=200)]] = Field(default_factory=dict)
+    image_steps: Annotated[int, Field(ge=0, le=100)] = 4
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+
+    def threshold(self, component: str) -> float:
+        return self.per_component.get(component, self.min_psnr)  # type: ignore[call-overload]
+
+
+class Card(_Strict):
+    prompts: tuple[Annotated[str, Field(min_length=1, max_length=300)], ...] = (
+        "a photo of an astronaut riding a horse on mars",
+    )
+    license: str | None = None
+    license_name: str | None = None
+    license_link: str | None = None
+    tags: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")], ...] = ()
+    template: Path | None = None
+
+    @model_validator(mode="after")
+    def _other_license(self) -> Card:
+        if self.license == "other" and not (self.license_name and self.license_link):
+            raise ValueError("license 'other' needs 'license_name' and 'license_link'")
+        return self
+
+
+class Recipe(_Strict):
+    """A validated recipe. Paths inside it are absolute (resolved against the recipe's folder)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")]
+    source: Source
+    target: PublishTarget
+    variants: tuple[Variant, ...] = (Variant(),)
+    conversion: Conversion = Field(default_factory=Conversion)
+    compression: Compression = Field(default_factory=Compression)
+    parity: Parity = Field(default_factory=Parity)
+    card: Card = Field(default_factory=Card)
+
+    # Set by load_recipe, not by the YAML.
+    file: Path = Field(default=Path("<memory>"), exclude=True)
+    text: str = Field(default="", exclude=True, repr=False)
+
+    @field_validator("variants")
+    @classmethod
+    def _distinct_folders(cls, value: tuple[Variant, ...]) -> tuple[Variant, ...]:
+        if not value:
+            raise ValueError("list at least one variant")
+        folders = [v.folder_name for v in value]
+        if len(set(folders)) != len(folders):
+            raise ValueError(f"two variants land in the same folder: {folders}")
+        return value
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the recipe file's bytes: the report and card name the exact recipe."""
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def model_version(self) -> str:
+        """The model id in Apple's package names (``Stable_Diffusion_version_<id>_<component>``)."""
+        return self.source.repo or self.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading with line numbers
+
+_MAX_NODES = 20_000  # far above any real recipe; stops alias bombs before they expand
+
+
+def _compose_with_lines(text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """Parse YAML, remembering the line of every key and item so errors can point at it."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    lines: dict[tuple[Any, ...], int] = {}
+    visited = 0
+
+    def walk(node: yaml.Node, path: tuple[Any, ...]) -> Any:
+        nonlocal visited
+        visited += 1
+        if visited > _MAX_NODES or len(path) > 32:
+            raise RecipeError(f"line {node.start_mark.line + 1}: the document is too large or too deeply nested")
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = _scalar(key_node)
+                if not isinstance(key, str | int | float | bool) or key is None:
+                    raise RecipeError(f"line {key_node.start_mark.line + 1}: a key must be a plain name")
+                if key in out:
+                    raise RecipeError(f"line {key_node.start_mark.line + 1}: {key!r} is given twice")
+                lines[path + (key,)] = key_node.start_mark.line + 1
+                out[key] = walk(value_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [walk(item, path + (index,)) for index, item in enumerate(node.value)]
+        return _scalar(node)
+
+    return (walk(root, ()) if root is not None else None), lines
+
+
+def _scalar(node: yaml.Node) -> Any:
+    if not isinstance(node, yaml.ScalarNode):
+        return [] if isinstance(node, yaml.SequenceNode) else {}
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node)
+    finally:
+        loader.dispose()
+
+
+def _line_of(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return 1
+
+
+def _describe(error: dict[str, Any]) -> str:
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "literal_error":
+        expected = str(ctx.get("expected", "")).replace("'", "")
+        choices = ",".join(part.strip() for part in re.split(r",| or ", expected) if part.strip())
+        return f"{value!r} is not one of {choices}" if isinstance(value, str) else f"{value} is not one of {choices}"
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; see recipes/README.md for the schema)"
+    if kind == "missing":
+        return "is required"
+    if kind == "enum":
+        return f"{value!r} is not one of " + ",".join(target.value for target in Target)
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    parts = [str(part) for part in loc if part != "[key]"]
+    return ".".join(parts) or "(top level)"
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file. Raises :class:`RecipeError` with a one-line message."""
+    path = Path(path)
+    shown = _display(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{shown}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{shown}: cannot read the recipe ({exc.__class__.__name__})") from None
+    try:
+        data, lines = _compose_with_lines(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise RecipeError(f"{shown}:{line}: invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{shown}: invalid YAML: {exc}") from None
+    except RecipeError as exc:
+        raise RecipeError(f"{shown}:{str(exc).removeprefix('line ')}") from None
+    except RecursionError:
+        raise RecipeError(f"{shown}: the document is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{shown}:1: a recipe is a mapping with 'name', 'source' and 'target'")
+
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first["loc"])
+        more = exc.error_count() - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise RecipeError(f"{shown}:{_line_of(lines, loc)}: {_dotted(loc)}: {_describe(first)}{suffix}") from None
+
+    recipe = _resolve_paths(recipe, path.resolve().parent)
+    problem = _cross_check(recipe, data)
+    if problem:
+        loc, message = problem
+        raise RecipeError(f"{shown}:{_line_of(lines, loc)}: {_dotted(loc)}: {message}")
+    return recipe.model_copy(update={"file": path.resolve(), "text": text})
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    source, card = recipe.source, recipe.card
+    if source.path is not None and not source.path.is_absolute():
+        source = source.model_copy(update={"path": (base / source.path).resolve()})
+    if card.template is not None and not card.template.is_absolute():
+        card = card.model_copy(update={"template": (base / card.template).resolve()})
+    return recipe.model_copy(update={"source": source, "card": card})
+
+
+def _cross_check(recipe: Recipe, data: dict[str, Any]) -> tuple[tuple[Any, ...], str] | None:
+    """Checks that span several fields; returns the first problem's location and message."""
+    source = recipe.source
+    if source.path is not None and not (source.path / "model_index.json").is_file():
+        return ("source", "path"), f"{source.path} is not a diffusers pipeline folder (no model_index.json)"
+    if recipe.card.template is not None and not recipe.card.template.is_file():
+        return ("card", "template"), f"{recipe.card.template} does not exist"
+
+    for index, variant in enumerate(recipe.variants):
+        if variant.attention != "original":
+            return ("variants", index, "attention"), (
+                f"{variant.attention!r} is not supported yet by this version; use 'original'"
+            )
+
+    converted = set(recipe.conversion.components)
+    target = recipe.conversion.minimum_deployment_target
+    given = data.get("compression") if isinstance(data.get("compression"), dict) else {}
+    for component in given:
+        scheme = recipe.compression.for_component(component)
+        if component not in converted and not scheme.is_none:
+            return ("compression", component), "is compressed but not listed in conversion.components"
+        if scheme.min_opset > target.opset:
+            return ("compression", component), (
+                f"{scheme.describe()} needs iOS18/macOS15; conversion.minimum_deployment_target is {target.value}"
+            )
+        if scheme.palettize and scheme.palettize.mode == "uniform" and scheme.palettize.granularity != "per_tensor":
+            return ("compression", component, "palettize", "granularity"), "uniform mode is per_tensor only"
+    for component in recipe.parity.per_component:
+        if component not in converted:
+            return ("parity", "per_component", component), "is not listed in conversion.components"
+    if "text_encoder_2" in converted and source.family in ("sd1", "sd2"):
+        return ("conversion", "components"), f"text_encoder_2 exists only in sdxl pipelines, not {source.family}"
+    return None

@@ -1,0 +1,126 @@
+"""The publish report: the machine-readable record of one run (`publish_report.json`).
+
+Every number on the model card comes from here, so the card can be re-rendered later
+(`publisher card DIR`) without reconverting.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+from pydantic import BaseModel, Field
+
+REPORT_NAME = "publish_report.json"
+SCHEMA_VERSION = 1
+TOOLS = ("coreml-publisher", "coremltools", "torch", "diffusers", "transformers", "huggingface_hub", "numpy")
+
+
+class ComponentReport(BaseModel):
+    component: str
+    package: str = Field(description="Path of the package relative to the variant folder")
+    parameters: int
+    fp16_bytes: int = Field(description="Size of the uncompressed (float16) weights")
+    compressed_bytes: int = Field(description="Size of the published weights")
+    scheme: str
+    bits_per_weight: float = Field(description="compressed_bytes * 8 / parameters")
+    convert_seconds: float
+    compress_seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.fp16_bytes / self.compressed_bytes if self.compressed_bytes else 0.0
+
+
+class ParityResult(BaseModel):
+    component: str
+    variant: str
+    backend: str = Field(description="'executor-fp32', 'executor-fp16' or 'coreml-runtime'")
+    psnr_db: float
+    threshold_db: float
+    passed: bool
+
+
+class ImageParity(BaseModel):
+    """One prompt's end-to-end image: the reference pipeline's and a variant's, compared."""
+
+    prompt: str
+    variant: str
+    steps: int
+    seed: int
+    psnr_db: float
+    reference_image: str = Field(description="PNG path relative to the repository root")
+    variant_image: str = Field(description="PNG path relative to the repository root")
+
+
+class VariantReport(BaseModel):
+    folder: str
+    attention: str
+    compute_units: str
+    components: list[ComponentReport]
+
+
+class StageCost(BaseModel):
+    stage: str
+    seconds: float
+    peak_rss_bytes: int
+
+
+class Machine(BaseModel):
+    system: str
+    machine: str
+    cpus: int
+    memory_bytes: int
+
+    @classmethod
+    def current(cls) -> Machine:
+        return cls(
+            system=f"{platform.system()} {platform.release()}",
+            machine=platform.machine(),
+            cpus=psutil.cpu_count() or 1,
+            memory_bytes=psutil.virtual_memory().total,
+        )
+
+
+class PublishReport(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    recipe_name: str
+    recipe_file: str
+    recipe_sha256: str
+    source: str = Field(description="Hub repo id, or 'local:<folder name>' for a local source")
+    source_revision: str | None
+    family: str
+    license: str | None
+    target_repo: str
+    precision: str
+    minimum_deployment_target: str
+    image_size: int
+    tool_versions: dict[str, str]
+    card_tags: list[str] = Field(default_factory=list)
+    variants: list[VariantReport]
+    parity: list[ParityResult] = Field(default_factory=list)
+    image_parity: list[ImageParity] = Field(default_factory=list)
+    stages: list[StageCost] = Field(default_factory=list)
+    machine: Machine = Field(default_factory=Machine.current)
+
+    def write(self, folder: Path) -> Path:
+        path = folder / REPORT_NAME
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> PublishReport:
+        return cls.model_validate(json.loads((folder / REPORT_NAME).read_text()))
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
