@@ -364,6 +364,8 @@ def _describe(error: dict[str, Any]) -> str:
         return "unknown key (check the spelling; see recipes/README.md for the schema)"
     if kind == "missing":
         return "is required"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"expected a mapping of keys, got {value!r}"
     if kind == "enum":
         return f"{value!r} is not one of " + ",".join(target.value for target in Target)
     message = str(error["msg"])

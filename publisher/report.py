@@ -94,6 +94,8 @@ class PublishReport(BaseModel):
     source_revision: str | None
     family: str
     license: str | None
+    license_name: str | None = Field(default=None, description="Display name of an 'other' license")
+    license_link: str | None = Field(default=None, description="Link to the text of an 'other' license")
     target_repo: str
     precision: str
     minimum_deployment_target: str

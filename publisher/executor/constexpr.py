@@ -57,6 +57,10 @@ def unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
     return values.reshape(-1)[:count]
 
 
+def _scalar_int(value: Any) -> int:
+    return int(np.asarray(value).reshape(-1)[0])
+
+
 def _shape_tuple(shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in np.asarray(shape).reshape(-1))
 
@@ -77,9 +81,9 @@ def lut_to_dense_ios18(indices: Any, lut: Any, vector_axis: Any = None) -> torch
     rank = idx.dim()
     groups = tuple(table.shape[:rank])
     palettes, vector_size = table.shape[rank], table.shape[rank + 1]
-    blocks = tuple(d // g for d, g in zip(idx.shape, groups))
+    blocks = tuple(d // g for d, g in zip(idx.shape, groups, strict=True))
     # [g0, b0, g1, b1, ...] -> [g0, g1, ..., b0, b1, ...]: each group's indices become one row.
-    interleaved = idx.reshape([v for pair in zip(groups, blocks) for v in pair])
+    interleaved = idx.reshape([v for pair in zip(groups, blocks, strict=True) for v in pair])
     perm = list(range(0, 2 * rank, 2)) + list(range(1, 2 * rank, 2))
     rows = interleaved.permute(perm).reshape(math.prod(groups), math.prod(blocks)).long()
     flat_table = table.reshape(math.prod(groups), palettes, vector_size)
@@ -91,7 +95,7 @@ def lut_to_dense_ios18(indices: Any, lut: Any, vector_axis: Any = None) -> torch
     dense = dense.reshape(*idx.shape, vector_size)
     if vector_size == 1:
         return dense.squeeze(-1).contiguous()
-    axis = int(np.asarray(vector_axis)) % rank
+    axis = _scalar_int(vector_axis) % rank
     out_shape = list(idx.shape)
     out_shape[axis] *= vector_size
     # Each index expands into `vector_size` consecutive elements along the vector axis.
@@ -103,7 +107,7 @@ def affine_dequantize(quantized_data: Any, zero_point: Any, scale: Any, axis: An
     q = as_tensor(quantized_data)
     scale_t, zero_t = as_tensor(scale), as_tensor(zero_point)
     rank = q.dim()
-    axis_i = int(np.asarray(axis)) % rank
+    axis_i = _scalar_int(axis) % rank
 
     def along_axis(param: torch.Tensor) -> torch.Tensor:
         if param.dim() == 0:
@@ -118,7 +122,7 @@ def affine_dequantize(quantized_data: Any, zero_point: Any, scale: Any, axis: An
 
 def _blockwise(param: torch.Tensor, data_shape: tuple[int, ...]) -> tuple[list[int], torch.Tensor]:
     # Broadcasting over [s0, b0, s1, b1, ...] is the same as np.repeat of every block, without copies.
-    split = [v for s, d in zip(param.shape, data_shape) for v in (s, d // s)]
+    split = [v for s, d in zip(param.shape, data_shape, strict=True) for v in (s, d // s)]
     return split, param.reshape([v for s in param.shape for v in (s, 1)])
 
 
@@ -164,7 +168,7 @@ def lut_to_sparse(
     out_mask = mask_t
     vector_size = as_tensor(lut).shape[-1]
     if vector_size > 1:
-        out_mask = torch.repeat_interleave(mask_t, vector_size, dim=int(np.asarray(vector_axis)))
+        out_mask = torch.repeat_interleave(mask_t, vector_size, dim=_scalar_int(vector_axis))
     return out_mask, dense[out_mask != 0]
 
 

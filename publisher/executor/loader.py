@@ -187,7 +187,7 @@ def load_program(package: Path | str) -> LoadedProgram:
 
     inputs = {name: _spec(name, var) for name, var in function.inputs.items()}
     output_names = [o.name for o in spec.description.output] or [v.name for v in function.outputs]
-    outputs = [_spec(name, var) for name, var in zip(output_names, function.outputs)]
+    outputs = [_spec(name, var) for name, var in zip(output_names, function.outputs, strict=True)]
 
     constants: dict[str, torch.Tensor] = {}
     raw: dict[str, Any] = {}
@@ -223,13 +223,11 @@ def _decompress(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any]
     decompress = DECOMPRESSORS.get(op.op_type)
     if decompress is None:
         raise UnsupportedOpError(op.op_type, opset, component)
-    args = {
-        name: constants[var.name] if var.name in constants else raw.get(var.name)
-        for name, var in op.inputs.items()
-    }
+    # Constant inputs go in as their numpy values, outputs of earlier constexpr ops as tensors.
+    args = {name: raw[var.name] if var.name in raw else constants[var.name] for name, var in op.inputs.items()}
     result = decompress(args)
     results = result if isinstance(result, tuple) else (result,)
-    for var, tensor in zip(op.outputs, results):
+    for var, tensor in zip(op.outputs, results, strict=True):
         declared = _HOLD_DTYPES.get(_type_name(var))
         if declared is not None and declared.is_floating_point and tensor.dtype != declared:
             tensor = tensor.to(declared)
@@ -245,7 +243,10 @@ def _compile(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], c
     raw_inputs: dict[str, Any] = {}
 
     def bind(var: Any) -> Any:
-        return constants.get(var.name, var.name) if var.name in raw else var.name
+        # A constant tensor, None for a string constant, or the name of a value computed at run time.
+        if var.name in raw:
+            return constants.get(var.name)
+        return constants.get(var.name, var.name)
 
     for name, value in op.inputs.items():
         if isinstance(value, (tuple, list)):
@@ -255,8 +256,6 @@ def _compile(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], c
         else:
             if value.name in raw:
                 raw_inputs[name] = raw[value.name]
-                if value.name not in constants:
-                    continue
             inputs[name] = bind(value)
     outputs = tuple(_value_info(v, component, opset, op.op_type) for v in op.outputs)
     return Step(

@@ -426,7 +426,7 @@ def _same_pads(
     dilations: Sequence[int],
 ) -> list[tuple[int, int]]:
     pads = []
-    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+    for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
         effective = (k - 1) * d + 1
         total = max(0, s * math.ceil(size / s) - size + effective - s)
         small, large = total // 2, total - total // 2
@@ -775,7 +775,7 @@ def gather(a: OpArgs) -> Result:
     inner = axis - batch_dims
     rows = [
         xb.index_select(inner, ib.reshape(-1)).reshape(*xb.shape[:inner], *ib.shape, *xb.shape[inner + 1:])
-        for xb, ib in zip(xs, ids)
+        for xb, ib in zip(xs, ids, strict=True)
     ]
     out = torch.stack(rows)
     return out.reshape(*batch, *out.shape[1:])
@@ -1051,7 +1051,7 @@ def reshape_like(a: OpArgs) -> Result:
     ends = a.ints("ends")
     end_masks = [bool(m) for m in np.asarray(a.value("end_masks")).reshape(-1)]
     shape: list[int] = []
-    for ref, begin, end, end_mask in zip(refs, begins, ends, end_masks):
+    for ref, begin, end, end_mask in zip(refs, begins, ends, end_masks, strict=True):
         shape.extend(ref.shape[begin: ref.dim() if end_mask else end])
     return a["x"].reshape(shape)
 
@@ -1134,7 +1134,7 @@ def slice_by_index(a: OpArgs) -> Result:
 def slice_by_size(a: OpArgs) -> Result:
     x = a["x"]
     out = x
-    for i, (begin, size) in enumerate(zip(a.ints("begin"), a.ints("size"))):
+    for i, (begin, size) in enumerate(zip(a.ints("begin"), a.ints("size"), strict=True)):
         begin = begin + x.shape[i] if begin < 0 else begin
         out = out.narrow(i, begin, x.shape[i] - begin if size < 0 else size)
     return out

@@ -1,0 +1,240 @@
+"""Executor vs torch eager on the full-size SD 1.5 UNet (random weights, real config).
+
+Needs ~8 GB and ~10 minutes on 2 cores (the conversion is cached under build/). On a shared
+machine run it under the heavy-job lock:
+
+    flock /tmp/coreml-publisher-heavy.lock .venv/bin/python benchmarks/parity.py
+
+Each phase runs in its own subprocess so that its peak RSS is its own. Prints a table: load time,
+forward time, peak RSS, and the executor/torch forward ratio (target: within 2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "build" / "parity-bench"
+SEED = 0
+BATCH = 2
+TOKENS = 77
+
+
+def _unet_config() -> dict:
+    # diffusers UNet2DConditionModel defaults are SD 1.x's blocks; these three complete SD 1.5.
+    return {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}
+
+
+def _inputs() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(SEED)
+    return {
+        "sample": rng.standard_normal((BATCH, 4, 64, 64)).astype(np.float32),
+        "timestep": np.array([999.0, 500.0], dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((BATCH, TOKENS, 768)).astype(np.float32),
+    }
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _quiet() -> None:
+    import logging
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+
+
+def _unet() -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(SEED)
+    return UNet2DConditionModel(**_unet_config()).eval()
+
+
+class _TensorsOnly(torch.nn.Module):
+    """The UNet as a function of tensors only, which is what tracing needs."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def _register_int_workaround() -> None:
+    """coremltools 9.0 + NumPy 2.4 fail on aten::Int (apple/coremltools#2633).
+
+    publisher.convert registers the project's fix on import; this benchmark only falls back to a
+    local override while that module does not exist.
+    """
+    try:
+        import publisher.convert  # noqa: F401
+        return
+    except ImportError:
+        pass
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
+
+    @register_torch_op(torch_alias=["int"], override=True)
+    def _int(context, node):
+        x = _get_inputs(context, node, expected=1)[0]
+        if x.can_be_folded_to_const():
+            res = mb.const(val=np.int32(np.asarray(x.val).reshape(())), name=node.name)
+        else:
+            if len(x.shape) > 0:
+                x = mb.squeeze(x=x, name=node.name + "_item")
+            res = mb.cast(x=x, dtype="int32", name=node.name)
+        context.add(res, node.name)
+
+
+def phase_convert(out: Path) -> dict:
+    """Trace and convert the UNet to an fp16 ML Program (iOS16), once; cached."""
+    import coremltools as ct
+
+    _register_int_workaround()
+    start = time.perf_counter()
+    wrapped = _TensorsOnly(_unet()).eval()
+    example = tuple(torch.from_numpy(v) for v in _inputs().values())
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapped, example, strict=False)
+    model = ct.convert(
+        traced,
+        inputs=[ct.TensorType(name=k, shape=v.shape) for k, v in _inputs().items()],
+        outputs=[ct.TensorType(name="noise_pred")],
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS16,
+        compute_precision=ct.precision.FLOAT16,
+    )
+    model.save(str(out))
+    return {"seconds": time.perf_counter() - start, "rss": _peak_rss_gib()}
+
+
+def phase_palettize(src: Path, out: Path) -> dict:
+    """6-bit palettization (uniform LUT: kmeans would take minutes and changes nothing measured here)."""
+    import coremltools as ct
+    import coremltools.optimize.coreml as cto
+
+    start = time.perf_counter()
+    model = ct.models.MLModel(str(src), skip_model_load=True)
+    config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="uniform", nbits=6))
+    cto.palettize_weights(model, config).save(str(out))
+    return {"seconds": time.perf_counter() - start, "rss": _peak_rss_gib()}
+
+
+def phase_torch(repeats: int) -> dict:
+    unet = _unet()
+    inputs = {k: torch.from_numpy(v) for k, v in _inputs().items()}
+    times = []
+    with torch.inference_mode():
+        reference = unet(**inputs, return_dict=False)[0]
+        for _ in range(repeats):
+            start = time.perf_counter()
+            unet(**inputs, return_dict=False)
+            times.append(time.perf_counter() - start)
+    np.save(CACHE / "reference.npy", reference.numpy())
+    return {"forward": float(np.median(times)), "rss": _peak_rss_gib()}
+
+
+def phase_executor(package: Path, modes: list[str], repeats: int) -> dict:
+    from publisher.executor import load_program, run
+
+    start = time.perf_counter()
+    program = load_program(package)
+    result: dict = {
+        "load": time.perf_counter() - start,
+        "read": program.load_seconds,
+        "decompress": program.decompress_seconds,
+    }
+    reference = np.load(CACHE / "reference.npy")
+    for mode in modes:
+        times = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            out = run(program, _inputs(), mode=mode)["noise_pred"]
+            times.append(time.perf_counter() - begin)
+        rmse = float(np.sqrt(np.mean((reference.astype(np.float64) - out) ** 2)))
+        result[mode] = {
+            "forward": float(np.median(times)),
+            "psnr": float(20 * np.log10((np.abs(reference).max() + 1e-5) / (rmse + 1e-10))),
+        }
+    result["rss"] = _peak_rss_gib()
+    return result
+
+
+def _subprocess(*args: str) -> dict:
+    completed = subprocess.run(
+        [sys.executable, __file__, "--phase", *args], check=True, capture_output=True, text=True, cwd=ROOT
+    )
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2, help="timed forwards per measurement (median)")
+    parser.add_argument("--skip-palettized", action="store_true", help="do not measure the 6-bit UNet")
+    parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        _quiet()
+        name, *rest = args.phase
+        if name == "convert":
+            result = phase_convert(Path(rest[0]))
+        elif name == "palettize":
+            result = phase_palettize(Path(rest[0]), Path(rest[1]))
+        elif name == "torch":
+            result = phase_torch(int(rest[0]))
+        else:
+            result = phase_executor(Path(rest[0]), rest[2:], int(rest[1]))
+        print(json.dumps(result))
+        return
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    fp16 = CACHE / "unet_sd15_fp16.mlpackage"
+    six_bit = CACHE / "unet_sd15_6bit.mlpackage"
+    repeats = str(args.repeats)
+    if not fp16.exists():
+        converted = _subprocess("convert", str(fp16))
+        print(f"converted fp16 UNet in {converted['seconds']:.0f} s (peak {converted['rss']:.1f} GiB)")
+    reference = _subprocess("torch", repeats)
+    executor = _subprocess("executor", str(fp16), repeats, "fp32", "fp16")
+    rows = [
+        ("torch eager (fp32 weights)", "-", reference["forward"], reference["rss"], "-", "-"),
+        *[
+            (f"executor fp16 package, {mode} mode", f"{executor['load']:.1f}", executor[mode]["forward"],
+             executor["rss"], f"{executor[mode]['forward'] / reference['forward']:.2f}x",
+             f"{executor[mode]['psnr']:.1f}")
+            for mode in ("fp32", "fp16")
+        ],
+    ]
+    if not args.skip_palettized:
+        if not six_bit.exists():
+            palettized = _subprocess("palettize", str(fp16), str(six_bit))
+            print(f"palettized 6-bit in {palettized['seconds']:.0f} s (peak {palettized['rss']:.1f} GiB)")
+        pal = _subprocess("executor", str(six_bit), repeats, "fp32")
+        rows.append(
+            (f"executor 6-bit package, fp32 mode (decompress {pal['decompress']:.1f} s)", f"{pal['load']:.1f}",
+             pal["fp32"]["forward"], pal["rss"], f"{pal['fp32']['forward'] / reference['forward']:.2f}x",
+             f"{pal['fp32']['psnr']:.1f}")
+        )
+    print("\nSD 1.5 UNet, random weights, latents 2x4x64x64, 77 tokens; median of", repeats, "forwards")
+    print("| run | load (s) | forward (s) | peak RSS (GiB) | executor / torch | PSNR vs torch (dB) |")
+    print("|---|---|---|---|---|---|")
+    for name, load, forward, rss, ratio, psnr in rows:
+        print(f"| {name} | {load} | {forward:.2f} | {rss:.1f} | {ratio} | {psnr} |")
+
+
+if __name__ == "__main__":
+    main()

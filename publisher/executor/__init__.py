@@ -1,0 +1,27 @@
+"""Execute Core ML ML Programs (.mlpackage) on any OS with torch, op by op, from the exact package bytes.
+
+    program = load_program(Path("unet.mlpackage"))
+    outputs = run(program, {"sample": ..., "timestep": ..., "encoder_hidden_states": ...}, mode="fp16")
+
+Core ML's own runtime exists only on macOS; this executor lets the parity gate check artifacts
+anywhere. Ops the op table does not implement stop loading with UnsupportedOpError.
+"""
+
+from publisher.executor.errors import ExecutorError, UnsupportedOpError
+from publisher.executor.loader import LoadedProgram, TensorSpec, load_program
+from publisher.executor.ops import OPS
+from publisher.executor.runtime import Mode, run
+
+SUPPORTED_OPS: frozenset[str] = frozenset(OPS)
+"""MIL compute op types the executor implements (constexpr forms: see constexpr.DECOMPRESSORS)."""
+
+__all__ = [
+    "ExecutorError",
+    "LoadedProgram",
+    "Mode",
+    "SUPPORTED_OPS",
+    "TensorSpec",
+    "UnsupportedOpError",
+    "load_program",
+    "run",
+]

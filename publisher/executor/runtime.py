@@ -1,0 +1,109 @@
+"""Run a LoadedProgram's steps with torch, holding values in fp32 or in the declared dtypes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from publisher.executor.errors import ExecutorError
+from publisher.executor.loader import LoadedProgram, Step, TensorSpec, ValueInfo, load_program
+from publisher.executor.ops import OpArgs
+
+Mode = Literal["fp32", "fp16"]
+
+
+def _bind_input(spec: TensorSpec, value: Any, mode: Mode) -> torch.Tensor:
+    array = np.asarray(value)
+    if spec.is_static and tuple(array.shape) != spec.shape:
+        raise ExecutorError(f"input '{spec.name}': shape {tuple(array.shape)}, the model declares {spec.shape}")
+    # The model receives its inputs in the declared dtype (fp16 for iOS16+ FLOAT16 models), whatever
+    # the mode: rounding them is part of what the artifact does.
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=spec.numpy_dtype))
+    if spec.dtype in ("uint16", "uint32"):
+        tensor = tensor.long()
+    if mode == "fp32" and tensor.is_floating_point():
+        tensor = tensor.float()
+    return tensor
+
+
+def _conform(tensor: torch.Tensor, info: ValueInfo, mode: Mode, step: Step) -> torch.Tensor:
+    target = torch.float32 if mode == "fp32" and info.is_float else info.dtype
+    if tensor.dtype != target:
+        tensor = tensor.to(target)
+    if info.shape is not None and tuple(tensor.shape) != info.shape:
+        raise ExecutorError(
+            f"op {step.op_type} '{step.name}' produced shape {tuple(tensor.shape)} for '{info.name}',"
+            f" the program declares {info.shape}"
+        )
+    return tensor
+
+
+def _resolve(ref: Any, env: dict[str, torch.Tensor]) -> Any:
+    if isinstance(ref, str):
+        return env[ref]
+    if isinstance(ref, tuple):
+        return tuple(env[r] if isinstance(r, str) else r for r in ref)
+    return ref
+
+
+def _output_array(tensor: torch.Tensor, spec: TensorSpec) -> np.ndarray:
+    if tensor.is_floating_point():
+        return tensor.float().numpy()
+    return tensor.numpy().astype(spec.numpy_dtype, copy=False)
+
+
+def run(
+    program: LoadedProgram | Path | str,
+    inputs: Mapping[str, np.ndarray],
+    mode: Mode = "fp32",
+) -> dict[str, np.ndarray]:
+    """Execute the program's main function on `inputs`; outputs keyed by the model's output names.
+
+    mode "fp32" holds every value in fp32; mode "fp16" rounds each op's outputs to the dtype the
+    Program declares (so fp16 programs compute in fp16 precision, op by op). Floating-point outputs
+    are returned as float32 arrays, integer and bool outputs in their declared dtype.
+    """
+    if mode not in ("fp32", "fp16"):
+        raise ValueError(f"mode must be 'fp32' or 'fp16', not {mode!r}")
+    loaded = program if isinstance(program, LoadedProgram) else load_program(program)
+    unknown = set(inputs) - set(loaded.inputs)
+    missing = set(loaded.inputs) - set(inputs)
+    if unknown or missing:
+        raise ExecutorError(
+            f"{loaded.path}: inputs do not match the model (missing {sorted(missing)}, unknown {sorted(unknown)})"
+        )
+    widen_all = mode == "fp32"
+    with torch.inference_mode():
+        env = {name: _bind_input(spec, inputs[name], mode) for name, spec in loaded.inputs.items()}
+        for step in loaded.steps:
+            args = OpArgs(
+                {name: _resolve(ref, env) for name, ref in step.inputs.items()},
+                step.raw,
+                widen_all or not step.native_half,
+                step.out_dtypes,
+            )
+            try:
+                result = step.fn(args)
+            except ExecutorError:
+                raise
+            except Exception as exc:
+                raise ExecutorError(f"{loaded.path}: op {step.op_type} '{step.name}' failed: {exc}") from exc
+            results = result if isinstance(result, tuple) else (result,)
+            if len(results) != len(step.outputs):
+                raise ExecutorError(
+                    f"op {step.op_type} '{step.name}' produced {len(results)} outputs,"
+                    f" the program declares {len(step.outputs)}"
+                )
+            for info, tensor in zip(step.outputs, results, strict=True):
+                env[info.name] = _conform(tensor, info, mode, step)
+            for name in step.release:
+                del env[name]
+        out_vars = [v.name for v in loaded.function.outputs]
+        return {
+            spec.name: _output_array(env[var] if var in env else loaded.constants[var], spec)
+            for spec, var in zip(loaded.outputs, out_vars, strict=True)
+        }
