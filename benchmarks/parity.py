@@ -73,38 +73,13 @@ class _TensorsOnly(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
-def _register_int_workaround() -> None:
-    """coremltools 9.0 + NumPy 2.4 fail on aten::Int (apple/coremltools#2633).
-
-    publisher.convert registers the project's fix on import; this benchmark only falls back to a
-    local override while that module does not exist.
-    """
-    try:
-        import publisher.convert  # noqa: F401
-        return
-    except ImportError:
-        pass
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
-    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
-
-    @register_torch_op(torch_alias=["int"], override=True)
-    def _int(context, node):
-        x = _get_inputs(context, node, expected=1)[0]
-        if x.can_be_folded_to_const():
-            res = mb.const(val=np.int32(np.asarray(x.val).reshape(())), name=node.name)
-        else:
-            if len(x.shape) > 0:
-                x = mb.squeeze(x=x, name=node.name + "_item")
-            res = mb.cast(x=x, dtype="int32", name=node.name)
-        context.add(res, node.name)
-
-
 def phase_convert(out: Path) -> dict:
     """Trace and convert the UNet to an fp16 ML Program (iOS16), once; cached."""
     import coremltools as ct
 
-    _register_int_workaround()
+    from publisher.convert import install_frontend_fixes
+
+    install_frontend_fixes()
     start = time.perf_counter()
     wrapped = _TensorsOnly(_unet()).eval()
     example = tuple(torch.from_numpy(v) for v in _inputs().values())

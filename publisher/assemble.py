@@ -3,6 +3,7 @@
 ```
 <variant>/packages/Stable_Diffusion_version_<model>_<component>.mlpackage
 vocab.json, merges.txt          tokenizer files the Swift pipeline reads
+images/                         end-to-end parity images (reference and each variant)
 recipe.yaml                     the exact recipe of this run
 publish_report.json             what was built and measured
 README.md                       the model card
@@ -14,7 +15,9 @@ complete, so a failed run never leaves a half-written repository.
 
 from __future__ import annotations
 
+import json
 import shutil
+import uuid
 from pathlib import Path
 
 from publisher.errors import PublisherError
@@ -33,12 +36,39 @@ def package_path(variant_folder: str, model_version: str, component: str) -> str
     return f"{variant_folder}/packages/{package_name(model_version, component)}"
 
 
+# Dropped so that the same recipe, run again, publishes the same bytes (a no-op commit on the Hub).
+VOLATILE_METADATA = ("com.github.apple.coremltools.conversion_date",)
+_PACKAGE_NAMESPACE = uuid.UUID("6f1c1e0a-3c55-4d5e-9a55-8f0d1b6c2e11")
+
+
+def make_deterministic(package: Path) -> None:
+    """Remove what differs between two conversions of the same model: the conversion date in the
+    spec and the random item identifiers coremltools writes into ``Manifest.json``."""
+    from coremltools.proto import Model_pb2
+
+    spec_file = package / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    for key in VOLATILE_METADATA:
+        spec.description.metadata.userDefined.pop(key, None)
+    spec_file.write_bytes(spec.SerializeToString(deterministic=True))
+
+    manifest_file = package / "Manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    renamed = {old: str(uuid.uuid5(_PACKAGE_NAMESPACE, entry["path"]))
+               for old, entry in manifest["itemInfoEntries"].items()}
+    manifest["itemInfoEntries"] = {renamed[old]: entry for old, entry in manifest["itemInfoEntries"].items()}
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_file.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+
+
 def assemble(
     staging: Path,
     *,
     packages: dict[str, Path],
     tokenizer_files: list[Path],
     recipe_text: str,
+    images: Path | None,
     report: PublishReport,
     card: str,
 ) -> Path:
@@ -51,8 +81,11 @@ def assemble(
         destination = staging / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(built, destination)
+        make_deterministic(destination)
     for file in tokenizer_files:
         shutil.copy2(file, staging / file.name)
+    if images is not None and images.is_dir():
+        shutil.copytree(images, staging / "images")
     (staging / RECIPE_NAME).write_text(recipe_text, encoding="utf-8")
     report.write(staging)
     (staging / CARD_NAME).write_text(card, encoding="utf-8")

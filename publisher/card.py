@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,6 +29,7 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 DEFAULT_TEMPLATE = TEMPLATES / "model_card.md.j2"
 BASE_TAGS = ("coreml", "core-ml", "stable-diffusion", "text-to-image")
 GRID_PATH = "images/image_grid.png"
+DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
 PACKAGE_PREFIX = "Stable_Diffusion_version_"
 
 # Columns of the parity table, in this order when present.
@@ -117,8 +119,9 @@ class DeviceRow:
 
 @dataclass(frozen=True)
 class SwiftResource:
-    package: str
-    compiled: str
+    """A package and the name the Swift pipeline loads its compiled model under."""
+
+    component: str
     resource: str
 
 
@@ -128,6 +131,7 @@ class UsageVariant:
 
     folder: str
     packages_dir: str
+    package_prefix: str
     compute_unit: str
     swift_compute_units: str
     swift_resources: tuple[SwiftResource, ...]
@@ -159,7 +163,9 @@ class CardContext:
     machine: str
     device_rows: tuple[DeviceRow, ...]
     usage: tuple[UsageVariant, ...]
+    example_prompt: str
     recipe_text: str | None
+    recipe_redacted: bool
     recipe_fence: str
     limitations: tuple[str, ...]
 
@@ -211,7 +217,9 @@ def build_context(
         components=_component_rows(report),
         multi_variant=len(report.variants) > 1,
         parity_backends=tuple(
-            (key, label) for key, label in _backend_labels(report).items() if any(r.backend == key for r in report.parity)
+            (key, label)
+            for key, label in _backend_labels(report).items()
+            if any(r.backend == key for r in report.parity)
         ),
         parity_rows=_parity_rows(report),
         image_rows=tuple(report.image_parity),
@@ -225,7 +233,10 @@ def build_context(
         ),
         device_rows=tuple(device_rows),
         usage=_usage(report),
+        # Quoted for the shell: the usage lines are meant to be pasted as they are.
+        example_prompt=shlex.quote(report.image_parity[0].prompt if report.image_parity else DEFAULT_PROMPT),
         recipe_text=redacted,
+        recipe_redacted=redacted != recipe_text,
         recipe_fence=_fence_for(redacted or ""),
         limitations=_limitations(report, device_rows),
     )
@@ -323,13 +334,10 @@ def _usage(report: PublishReport) -> tuple[UsageVariant, ...]:
     for variant in report.variants:
         if not variant.components:
             continue
-        packages_dir = PurePosixPath(variant.folder, variant.components[0].package).parent.as_posix()
+        first = variant.components[0]
+        packages_dir = PurePosixPath(variant.folder, first.package).parent.as_posix()
         resources = tuple(
-            SwiftResource(
-                package=f"{variant.folder}/{c.package}",
-                compiled=PurePosixPath(c.package).with_suffix(".mlmodelc").name,
-                resource=SWIFT_RESOURCES[c.component],
-            )
+            SwiftResource(component=c.component, resource=SWIFT_RESOURCES[c.component])
             for c in variant.components
             if c.component in SWIFT_RESOURCES
         )
@@ -337,6 +345,7 @@ def _usage(report: PublishReport) -> tuple[UsageVariant, ...]:
             UsageVariant(
                 folder=variant.folder,
                 packages_dir=packages_dir,
+                package_prefix=PurePosixPath(first.package).stem.removesuffix(f"_{first.component}"),
                 compute_unit=variant.compute_units,
                 swift_compute_units=SWIFT_COMPUTE_UNITS.get(variant.compute_units, variant.compute_units),
                 swift_resources=resources,
@@ -550,14 +559,14 @@ def make_image_grid(folder: Path, report: PublishReport) -> str | None:
     titles = ["reference (PyTorch fp32)"] + [f"{name} (Core ML)" for name in variants]
     for column, title in enumerate(titles):
         x = GRID_PAD + GRID_LABEL_WIDTH + column * (GRID_TILE + GRID_PAD)
-        draw.text((x + GRID_TILE / 2, GRID_PAD + GRID_HEADER_HEIGHT / 2), title, fill=_GRID_TEXT, font=font, anchor="mm")
+        draw.text(
+            (x + GRID_TILE / 2, GRID_PAD + GRID_HEADER_HEIGHT / 2), title, fill=_GRID_TEXT, font=font, anchor="mm"
+        )
 
     for row, prompt in enumerate(prompts):
         top = GRID_PAD + GRID_HEADER_HEIGHT + row * row_height
-        label = "\n".join(_wrap(f"“{prompt}”", font, GRID_LABEL_WIDTH - 2 * GRID_PAD))
-        draw.multiline_text(
-            (GRID_PAD, top + GRID_TILE / 2), label, fill=_GRID_TEXT, font=font, anchor="lm", spacing=4
-        )
+        label = "\n".join(_wrap(f'"{prompt}"', font, GRID_LABEL_WIDTH - 2 * GRID_PAD))
+        draw.multiline_text((GRID_PAD, top + GRID_TILE / 2), label, fill=_GRID_TEXT, font=font, anchor="lm", spacing=4)
         tiles: list[tuple[str | None, str]] = [(references[prompt], "")]
         for name in variants:
             entry = cells.get((prompt, name))

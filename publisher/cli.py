@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 
 from publisher import __version__
+from publisher.cache import STAGES
 from publisher.errors import PublisherError
+
+
+def one_line(error: Exception) -> str:
+    """Messages from libraries sometimes span lines; a CI log reads best with one line per error."""
+    return " ".join(str(error).split())
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -24,7 +30,7 @@ def _validate(args: argparse.Namespace) -> int:
         try:
             inspect_source(load_recipe(path))
         except PublisherError as error:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {one_line(error)}", file=sys.stderr)
             failed += 1
         else:
             if not args.quiet:
@@ -39,10 +45,42 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push_options(args: argparse.Namespace):
+    from publisher.pipeline import PushOptions
+
+    return PushOptions(revision=args.revision, create_pr=args.create_pr, dry_run=args.dry_run)
+
+
 def _publish(args: argparse.Namespace) -> int:
+    from publisher.cache import StageCache
     from publisher.pipeline import publish
 
-    publish(Path(args.recipe), Path(args.out), quiet=args.quiet)
+    push = _push_options(args) if (args.push or args.dry_run) else None
+    cache = StageCache(force=frozenset([args.force]) if args.force else frozenset())
+    publish(Path(args.recipe), Path(args.out), quiet=args.quiet, push=push, cache=cache)
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from publisher.cache import StageCache
+
+    cache = StageCache()
+    if args.action == "ls":
+        entries = cache.entries()
+        for entry in entries:
+            print(f"{entry.stage:<9} {entry.key}  {entry.size / 2**20:9.1f} MiB  {entry.label}")
+        print(f"{len(entries)} entries, {sum(e.size for e in entries) / 2**20:.1f} MiB in {cache.root}")
+    else:
+        removed, freed = cache.prune(older_than_days=args.older_than)
+        print(f"removed {removed} entries, {freed / 2**20:.1f} MiB freed from {cache.root}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from publisher.pipeline import push_folder_and_report
+
+    push_folder_and_report(Path(args.folder), args.repo, private=args.private, options=_push_options(args),
+                           quiet=args.quiet)
     return 0
 
 
@@ -78,6 +116,12 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _add_push_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created if missing)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of writing the branch")
+    parser.add_argument("--dry-run", action="store_true", help="print the Hub operations without writing anything")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="publisher",
@@ -100,7 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     publish = commands.add_parser("publish", parents=[common], help="run a recipe and assemble the repository")
     publish.add_argument("recipe", metavar="RECIPE")
     publish.add_argument("--out", required=True, metavar="DIR", help="where the assembled repository goes")
+    publish.add_argument("--push", action="store_true", help="then upload DIR to the recipe's target repo")
+    publish.add_argument("--force", nargs="?", const="all", choices=("all", *STAGES), metavar="STAGE",
+                         help=f"recompute STAGE ({', '.join(STAGES)}) or every stage instead of using the cache")
+    _add_push_flags(publish)
     publish.set_defaults(run=_publish)
+
+    push = commands.add_parser("push", parents=[common], help="upload an assembled folder in one atomic commit")
+    push.add_argument("folder", metavar="DIR")
+    push.add_argument("--repo", required=True, metavar="ID", help="target Hub repo id (namespace/name)")
+    push.add_argument("--private", action="store_true", help="create the repo private if it does not exist")
+    _add_push_flags(push)
+    push.set_defaults(run=_push)
+
+    cache = commands.add_parser("cache", parents=[common], help="list or prune the stage cache")
+    cache.add_argument("action", choices=("ls", "prune"))
+    cache.add_argument("--older-than", type=float, metavar="DAYS", help="prune only entries older than DAYS")
+    cache.set_defaults(run=_cache)
 
     card = commands.add_parser("card", parents=[common], help="re-render README.md of an assembled folder")
     card.add_argument("folder", metavar="DIR")
@@ -123,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except PublisherError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; nothing was published", file=sys.stderr)

@@ -9,13 +9,24 @@ from __future__ import annotations
 import builtins
 import functools
 import gc
+import logging
+import multiprocessing
+import resource
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from publisher.attention import Attention, with_attention
+from publisher.errors import PublisherError
 from publisher.recipe import Recipe
 from publisher.source import LoadedSource
 
@@ -41,6 +52,8 @@ class ConvertedComponent:
     package: Path
     parameters: int
     seconds: float
+    peak_rss: int | None = None
+    """Peak resident memory of the converting process in bytes; known when it converted this component alone."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,22 +79,62 @@ class TextEncoder(torch.nn.Module):
         return output.hidden_states[self.hidden_layer], pooled
 
 
-class UNet(torch.nn.Module):
-    """Apple's UNet contract: ``encoder_hidden_states`` arrives as (B, C, 1, S)."""
+def _added_conditions(model: torch.nn.Module, added: tuple[torch.Tensor, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """SDXL's micro-conditioning (``time_ids``) and pooled text (``text_embeds``), when the model takes them."""
+    if model.config.addition_embed_type != "text_time":
+        return {}
+    time_ids, text_embeds = added
+    return {"added_cond_kwargs": {"time_ids": time_ids, "text_embeds": text_embeds}}
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+
+class UNet(torch.nn.Module):
+    """Apple's UNet contract: ``encoder_hidden_states`` arrives as (B, C, 1, S).
+
+    With ``residuals`` it is Apple's ``control-unet``: the last inputs are the ControlNet's
+    ``additional_residual_*`` outputs (summed over ControlNets by the caller), down blocks then mid block.
+    """
+
+    def __init__(self, unet: torch.nn.Module, residuals: int = 0) -> None:
         super().__init__()
         self.unet = unet
-        self.added_conditions = unet.config.addition_embed_type == "text_time"
+        self.residuals = residuals
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                *added: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *extra: torch.Tensor
+    ) -> torch.Tensor:
         hidden = encoder_hidden_states.squeeze(2).transpose(1, 2)
-        kwargs = {}
-        if self.added_conditions:
-            time_ids, text_embeds = added
-            kwargs["added_cond_kwargs"] = {"time_ids": time_ids, "text_embeds": text_embeds}
+        split = len(extra) - self.residuals
+        kwargs: dict[str, object] = _added_conditions(self.unet, extra[:split])
+        if self.residuals:
+            kwargs["down_block_additional_residuals"] = extra[split:-1]
+            kwargs["mid_block_additional_residual"] = extra[-1]
         return self.unet(sample, timestep, hidden, return_dict=False, **kwargs)[0]
+
+
+class ControlNet(torch.nn.Module):
+    """``sample``, ``timestep``, ``encoder_hidden_states`` (B, C, 1, S), ``controlnet_cond`` (the
+    conditioning image in [0, 1]) -> ``additional_residual_*``, the control-unet's extra inputs.
+
+    The conditioning scale multiplies every residual, so callers apply it to the outputs.
+    """
+
+    def __init__(self, controlnet: torch.nn.Module) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        *added: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        hidden = encoder_hidden_states.squeeze(2).transpose(1, 2)
+        down, mid = self.controlnet(
+            sample, timestep, hidden, controlnet_cond, return_dict=False, **_added_conditions(self.controlnet, added)
+        )
+        return (*down, mid)
 
 
 class VAEDecoder(torch.nn.Module):
@@ -109,14 +162,22 @@ class VAEEncoder(torch.nn.Module):
         return self.quant_conv(moments) if self.quant_conv is not None else moments
 
 
-def reference_module(source: LoadedSource, component: str) -> torch.nn.Module:
-    """The fp32 torch module whose function the Core ML package must reproduce."""
+def reference_module(source: LoadedSource, component: str, attention: Attention = "original") -> torch.nn.Module:
+    """The fp32 torch module converted for ``component``.
+
+    With the default ``original`` attention it is also the reference parity compares against:
+    the other attentions compute the same function in the Neural Engine's layout.
+    """
     pipe = source.pipe
     hidden_layer = -2 if source.family == "sdxl" else None
     modules = {
         "text_encoder": lambda: TextEncoder(pipe.text_encoder, hidden_layer),
         "text_encoder_2": lambda: TextEncoder(pipe.text_encoder_2, hidden_layer),
-        "unet": lambda: UNet(pipe.unet),
+        "unet": lambda: UNet(with_attention(pipe.unet, attention)),
+        "control_unet": lambda: UNet(
+            with_attention(pipe.unet, attention), residuals=len(residual_shapes(pipe.unet.config, batch=1, latent=64))
+        ),
+        "controlnet": lambda: ControlNet(with_attention(source.controlnet, attention)),
         "vae_decoder": lambda: VAEDecoder(pipe.vae),
         "vae_encoder": lambda: VAEEncoder(pipe.vae),
     }
@@ -127,38 +188,76 @@ def image_size(recipe: Recipe, source: LoadedSource) -> int:
     return recipe.conversion.image_size or source.pipe.unet.config.sample_size * source.vae_scale_factor
 
 
+def residual_shapes(config: Any, batch: int, latent: int) -> list[tuple[int, ...]]:
+    """Shapes of the residuals a ControlNet adds to a UNet of ``config``: every down-block output
+    (after conv_in, each resnet, each downsampler), then the mid block's."""
+    channels = config.block_out_channels
+    layers = config.layers_per_block
+    size = latent
+    shapes = [(batch, channels[0], size, size)]
+    for index, block_channels in enumerate(channels):
+        count = layers if isinstance(layers, int) else layers[index]
+        shapes += [(batch, block_channels, size, size)] * count
+        if index < len(channels) - 1:
+            size = (size + 1) // 2  # stride-2, padding-1 convolution
+            shapes.append((batch, block_channels, size, size))
+    return [*shapes, (batch, channels[-1], size, size)]
+
+
+def _denoiser_inputs(
+    source: LoadedSource, config: Any, batch: int, latent: int, sequence: int, dtype: type[np.generic]
+) -> list[TensorSpec]:
+    """The inputs the UNet and ControlNets share: latents, timestep, text, SDXL's added conditions."""
+    inputs = [
+        TensorSpec("sample", (batch, config.in_channels, latent, latent), dtype),
+        TensorSpec("timestep", (batch,), dtype),
+        TensorSpec("encoder_hidden_states", (batch, config.cross_attention_dim, 1, sequence), dtype),
+    ]
+    if config.addition_embed_type == "text_time":
+        # text_embeds is the projected pooled output of the last text encoder; time_ids holds what is
+        # left of the projection's input: 6 sizes for SDXL base, 5 (with the aesthetic score) for the refiner.
+        text_embeds = source.pipe.text_encoder_2.config.projection_dim
+        time_ids = (config.projection_class_embeddings_input_dim - text_embeds) // config.addition_time_embed_dim
+        inputs += [
+            TensorSpec("time_ids", (batch, time_ids), dtype),
+            TensorSpec("text_embeds", (batch, text_embeds), dtype),
+        ]
+    return inputs
+
+
+def residual_names(count: int) -> tuple[str, ...]:
+    """Apple's names, shared by the ControlNet's outputs and the control-unet's inputs."""
+    return tuple(f"additional_residual_{index}" for index in range(count))
+
+
 def component_io(recipe: Recipe, source: LoadedSource, component: str) -> ComponentIO:
     """Names, shapes and dtypes of a component's Core ML inputs and outputs."""
     pipe = source.pipe
-    half = recipe.conversion.precision == "float16"
     # Apple feeds fp16 arrays to the fp16 UNet and VAE; token ids stay float32 (coremltools#1423),
     # as their Swift TextEncoder passes MLShapedArray<Float32>.
-    float_dtype = np.float16 if half else np.float32
+    float_dtype = np.float16 if recipe.conversion.precision_for(component) == "float16" else np.float32
     latent = image_size(recipe, source) // source.vae_scale_factor
-    latent_channels = pipe.vae.config.latent_channels
     pixels = latent * source.vae_scale_factor
     batch = recipe.conversion.unet_batch
-    sequence = pipe.tokenizer.model_max_length
+    sequence = source.tokenizer.model_max_length
     if component in ("text_encoder", "text_encoder_2"):
         first = "hidden_embeds" if source.family == "sdxl" else "last_hidden_state"
         return ComponentIO((TensorSpec("input_ids", (1, sequence), np.float32),), (first, "pooled_outputs"))
-    if component == "unet":
-        unet = pipe.unet.config
-        inputs = [
-            TensorSpec("sample", (batch, unet.in_channels, latent, latent), float_dtype),
-            TensorSpec("timestep", (batch,), float_dtype),
-            TensorSpec("encoder_hidden_states", (batch, unet.cross_attention_dim, 1, sequence), float_dtype),
-        ]
-        if unet.addition_embed_type == "text_time":
-            time_ids = 6
-            text_embeds = unet.projection_class_embeddings_input_dim - time_ids * unet.addition_time_embed_dim
-            inputs += [
-                TensorSpec("time_ids", (batch, time_ids), float_dtype),
-                TensorSpec("text_embeds", (batch, text_embeds), float_dtype),
-            ]
+    if component in ("unet", "control_unet"):
+        inputs = _denoiser_inputs(source, pipe.unet.config, batch, latent, sequence, float_dtype)
+        if component == "control_unet":
+            shapes = residual_shapes(pipe.unet.config, batch, latent)
+            names = residual_names(len(shapes))
+            inputs += [TensorSpec(name, shape, float_dtype) for name, shape in zip(names, shapes, strict=True)]
         return ComponentIO(tuple(inputs), ("noise_pred",))
+    if component == "controlnet":
+        config = source.controlnet.config
+        inputs = _denoiser_inputs(source, config, batch, latent, sequence, float_dtype)
+        inputs.insert(3, TensorSpec("controlnet_cond", (batch, 3, pixels, pixels), float_dtype))
+        return ComponentIO(tuple(inputs), residual_names(len(residual_shapes(config, batch, latent))))
     if component == "vae_decoder":
-        return ComponentIO((TensorSpec("z", (1, latent_channels, latent, latent), float_dtype),), ("image",))
+        channels = pipe.vae.config.latent_channels
+        return ComponentIO((TensorSpec("z", (1, channels, latent, latent), float_dtype),), ("image",))
     if component == "vae_encoder":
         return ComponentIO((TensorSpec("x", (1, 3, pixels, pixels), float_dtype),), ("latent",))
     raise ValueError(f"unknown component {component!r}")
@@ -233,26 +332,28 @@ def deployment_target(recipe: Recipe):
     return getattr(ct.target, recipe.conversion.minimum_deployment_target.value)
 
 
-def convert_component(recipe: Recipe, source: LoadedSource, component: str, package: Path) -> ConvertedComponent:
-    """Trace ``component`` and convert it to an ML Program saved at ``package``."""
+def convert_component(
+    recipe: Recipe, source: LoadedSource, component: str, package: Path, attention: Attention = "original"
+) -> ConvertedComponent:
+    """Trace ``component`` (its transformers computing with ``attention``) and convert it to an
+    ML Program saved at ``package``."""
     import coremltools as ct
 
     install_frontend_fixes()
     started = time.perf_counter()
-    module = reference_module(source, component)
+    module = reference_module(source, component, attention)
     parameters = sum(parameter.numel() for parameter in module.parameters())
     io = component_io(recipe, source, component)
-    vocab_size = source.pipe.tokenizer.vocab_size if hasattr(source.pipe, "tokenizer") else 1
     with torch.inference_mode(False), torch.no_grad():
-        traced = torch.jit.trace(module, example_inputs(io, vocab_size), check_trace=False)
-    precision = ct.precision.FLOAT16 if recipe.conversion.precision == "float16" else ct.precision.FLOAT32
+        traced = torch.jit.trace(module, example_inputs(io, source.tokenizer.vocab_size), check_trace=False)
+    half = recipe.conversion.precision_for(component) == "float16"
     model = ct.convert(
         traced,
         convert_to="mlprogram",
         inputs=[ct.TensorType(name=spec.name, shape=spec.shape, dtype=spec.dtype) for spec in io.inputs],
         outputs=[ct.TensorType(name=name) for name in io.outputs],
         minimum_deployment_target=deployment_target(recipe),
-        compute_precision=precision,
+        compute_precision=ct.precision.FLOAT16 if half else ct.precision.FLOAT32,
         # Loading compiles the model with Core ML, which exists only on macOS.
         skip_model_load=True,
     )
@@ -265,3 +366,54 @@ def convert_component(recipe: Recipe, source: LoadedSource, component: str, pack
     del model
     gc.collect()
     return ConvertedComponent(component, package, parameters, time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------------------
+# One component per process
+
+
+def convert_in_subprocess(recipe_file: Path, component: str, attention: Attention, package: Path) -> ConvertedComponent:
+    """:func:`convert_component` in a fresh process that loads only the model ``component`` needs.
+
+    The process's peak memory is this one component's (reported as ``peak_rss``), and all of it
+    goes back to the operating system when the process ends: a whole recipe then fits in the memory
+    of its largest component. Logging, warning filters and the temporary folder follow this process.
+    """
+    levels = {name: logging.getLogger(name).level for name in _LIBRARY_LOGGERS}
+    context = multiprocessing.get_context("spawn")  # a fork would inherit this process's memory
+    with ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=context,
+        initializer=_mirror_parent,
+        initargs=(levels, list(warnings.filters), tempfile.tempdir),
+    ) as pool:
+        future = pool.submit(_convert_alone, Path(recipe_file), component, attention, Path(package))
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise PublisherError(
+                f"converting {component} ({attention}) stopped the converting process: out of memory, or killed"
+            ) from None
+
+
+_LIBRARY_LOGGERS = ("coremltools", "torch", "transformers", "diffusers", "huggingface_hub")
+
+
+def _mirror_parent(levels: dict[str, int], filters: list[Any], tempdir: str | None) -> None:
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    warnings.filters[:] = filters
+    tempfile.tempdir = tempdir
+
+
+def _convert_alone(recipe_file: Path, component: str, attention: Attention, package: Path) -> ConvertedComponent:
+    from publisher.recipe import load_recipe
+    from publisher.source import PIPELINE_MODEL, load_source
+
+    recipe = load_recipe(recipe_file)
+    needed = (PIPELINE_MODEL[component],) if component in PIPELINE_MODEL else ()
+    source = load_source(recipe, models=needed)
+    converted = convert_component(recipe, source, component, package, attention)
+    # ru_maxrss is in kilobytes on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return replace(converted, peak_rss=peak)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -27,12 +28,7 @@ from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
-from huggingface_hub.errors import (
-    HfHubHTTPError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import disable_progress_bars
 
@@ -49,6 +45,8 @@ _SKIPPED_DIRS = frozenset({".git", ".cache"})
 # Written by the Hub when it creates a repo: it routes weights to LFS, so a publish never deletes it.
 _KEPT_REMOTE_FILES = frozenset({".gitattributes"})
 _HASH_CHUNK = 8 * 1024 * 1024
+_UPLOAD_AND_COMMIT = "upload and commit"
+_XET_STATUS = re.compile(r"\((\d{3}) [A-Za-z ]+\)")
 
 
 @dataclass(frozen=True)
@@ -232,10 +230,11 @@ def push_folder(
 
     Example:
         ```py
-        >>> result = push_folder(Path("out/sd15-6bit"), "me/coreml-sd15-6bit")
+        >>> result = push_folder(Path("out/sd15-6bit"), "me/coreml-sd15-6bit", dry_run=True)
         >>> print(format_operations(result))
-        add       615.7 MiB  original/packages/Unet.mlpackage/Data/com.apple.CoreML/weights/weight.bin
-        ...
+        add      615.7 MiB  original/packages/Stable_Diffusion_version_sd15_unet.mlpackage/Data/...
+        modify     4.1 KiB  README.md
+        2 operations (1 add, 1 modify): 615.7 MiB to upload to me/coreml-sd15-6bit@main
         ```
     """
     folder = Path(folder)
@@ -282,7 +281,7 @@ def push_folder(
             CommitOperationDelete(op.path, is_folder=False) for op in operations if op.kind == "delete"
         ]
         counts = {kind: sum(op.kind == kind for op in operations) for kind in ("add", "modify", "delete")}
-        ctx.step = "upload and commit"
+        ctx.step = _UPLOAD_AND_COMMIT
         info = api.create_commit(
             repo_id,
             [*additions, *deletions],
@@ -320,7 +319,7 @@ def format_operations(result: PushResult) -> str:
     Example:
         ```text
         add        1.5 MiB  unet/weights.bin
-        delete   120 B      old.txt
+        delete       120 B  old.txt
         2 operations (1 add, 1 delete): 1.5 MiB to upload to me/model@main
         ```
     """
@@ -331,9 +330,8 @@ def format_operations(result: PushResult) -> str:
     counts = {kind: sum(op.kind == kind for op in result.operations) for kind in ("add", "modify", "delete")}
     detail = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
     to_send = sum(op.size for op in result.operations if op.kind != "delete")
-    lines.append(
-        f"{len(result.operations)} operations ({detail}): {_human_size(to_send)} to upload to {where}"
-    )
+    total = _plural(len(result.operations), "operation")
+    lines.append(f"{total} ({detail}): {_human_size(to_send)} to upload to {where}")
     return "\n".join(lines)
 
 
@@ -345,8 +343,8 @@ def format_summary(result: PushResult) -> str:
         return f"up to date: {where} already holds this content ({checked}, {result.commit_oid})"
     target = result.pr_url or result.commit_url
     return (
-        f"published {len(result.operations)} operations, {_human_size(result.bytes_uploaded)} uploaded,"
-        f" {checked}: {target}"
+        f"published {_plural(len(result.operations), 'operation')},"
+        f" {_human_size(result.bytes_uploaded)} uploaded, {checked}: {target}"
     )
 
 
@@ -484,6 +482,10 @@ def _addition(path: str, file: _LocalFile, sha256: str | None) -> CommitOperatio
     return addition
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _human_size(size: int) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -509,32 +511,36 @@ def _hub_errors(ctx: _Context) -> Iterator[None]:
 
 def _describe(err: BaseException, ctx: _Context) -> str | None:
     """The one-line message for a failure of the Hub or of the network, or None for anything else."""
-    chain = list(_exception_chain(err))
-    http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
-    if http is not None:
-        return _describe_http(http, ctx)
-    network = next((e for e in chain if isinstance(e, (httpx2.TransportError, OfflineModeIsEnabled))), None)
-    if network is not None:
-        reason = _first_line(str(network)) or type(network).__name__
-        return (
-            f"cannot reach the Hub at {ctx.endpoint} while trying to {ctx.step} ({reason}): network down or"
-            " wrong endpoint; nothing was committed, rerun when it is reachable"
-        )
     if isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err):
         reasons = "; ".join(line.lstrip("- ") for line in str(err).splitlines()[1:] if line.strip())
         return f"the Hub refused the README.md metadata of {ctx.repo_id}: {reasons or 'invalid YAML'}"
-    if type(err).__module__.split(".")[0] in ("hf_xet", "builtins") and "xet" in type(err).__name__.lower():
+    chain = list(_exception_chain(err))
+    http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
+    if http is not None:
+        request = http.response.request
+        url = str(request.url) if request is not None else ""
+        return _describe_status(http.response.status_code, http.server_message or "", url, ctx, http)
+    network = next((e for e in chain if isinstance(e, (httpx2.TransportError, ConnectionError))), None)
+    if network is not None:
+        reason = _first_line(str(network)) or type(network).__name__
+        # hf_xet reports a refused token request as ConnectionError("... (401 Unauthorized), domain: URL").
+        status = _XET_STATUS.search(reason)
+        if status is not None and not isinstance(network, httpx2.TransportError):
+            return _describe_status(int(status.group(1)), "", reason, ctx, None)
+        step = _step_from_url(_request_url(network)) or ctx.step
+        if step in ("commit", _UPLOAD_AND_COMMIT):
+            return (
+                f"lost the connection to the Hub at {ctx.endpoint} while committing ({reason}): the commit"
+                " either landed whole or not at all; rerun: it completes the publish or reports up to date"
+            )
         return (
-            f"the xet upload to {ctx.repo_id} failed while trying to {ctx.step} ({_first_line(str(err))});"
-            " nothing was committed, rerun to finish"
+            f"cannot reach the Hub at {ctx.endpoint} while trying to {step} ({reason}): network down or"
+            " wrong endpoint; nothing was committed, rerun when it is reachable"
         )
     return None
 
 
-def _describe_http(err: HfHubHTTPError, ctx: _Context) -> str:
-    response = err.response
-    status = response.status_code
-    url = str(response.request.url) if response.request is not None else ""
+def _describe_status(status: int, server_message: str, url: str, ctx: _Context, err: Exception | None) -> str:
     step = _step_from_url(url) or ctx.step
     host = urlsplit(ctx.endpoint).netloc or ctx.endpoint
     namespace = ctx.repo_id.split("/")[0]
@@ -567,7 +573,7 @@ def _describe_http(err: HfHubHTTPError, ctx: _Context) -> str:
             f"{ctx.repo_id}@{ctx.revision} moved since this publish started (412): another commit landed"
             " first; nothing was committed, rerun to publish on top of the new head"
         )
-    server = _first_line(err.server_message or "")
+    server = _first_line(server_message)
     detail = f": {server}" if server else ""
     if status >= 500:
         return (
@@ -578,7 +584,6 @@ def _describe_http(err: HfHubHTTPError, ctx: _Context) -> str:
 
 
 def _step_from_url(url: str) -> str | None:
-    path = urlsplit(url).path
     for marker, step in (
         ("/preupload/", "prepare the upload"),
         ("/info/lfs/", "upload LFS files"),
@@ -587,7 +592,7 @@ def _step_from_url(url: str) -> str | None:
         ("/branch/", "create the branch"),
         ("/repos/create", "create the repo"),
     ):
-        if marker in path:
+        if marker in url:
             return step
     return None
 
@@ -599,6 +604,13 @@ def _exception_chain(err: BaseException) -> Iterable[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
+
+
+def _request_url(err: BaseException) -> str:
+    try:
+        return str(err.request.url)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # httpx2 raises RuntimeError when no request is attached
+        return ""
 
 
 def _first_line(text: str) -> str:

@@ -37,8 +37,12 @@ class Monitor:
             self.console.print(message)
 
     @contextmanager
-    def stage(self, name: str, detail: str = "") -> Iterator[None]:
-        """Time a stage and sample the process tree's RSS every 50 ms to find its peak."""
+    def stage(self, name: str, detail: str = "", *, record: bool = True) -> Iterator[None]:
+        """Time a stage and sample the process tree's RSS every 50 ms to find its peak.
+
+        ``record=False`` shows the line but keeps the stage out of the report (housekeeping whose
+        cost would only make two otherwise identical reports differ).
+        """
         peak = _tree_rss(self._process)
         stop = threading.Event()
 
@@ -62,5 +66,6 @@ class Monitor:
             stop.set()
             sampler.join()
         seconds = time.perf_counter() - started
-        self.costs.append(StageCost(stage=label, seconds=round(seconds, 3), peak_rss_bytes=peak))
+        if record:
+            self.costs.append(StageCost(stage=label, seconds=round(seconds, 3), peak_rss_bytes=peak))
         self.say(f"[green]✓[/green] {label} [dim]({seconds:.1f} s, peak {peak / 2**30:.2f} GiB)[/dim]")

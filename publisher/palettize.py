@@ -32,10 +32,12 @@ in-process (coremltools only uses a worker pool for ``mode="kmeans"``); the func
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Callable
 
 import numpy as np
+from coremltools._deps.kmeans1d import _core as _kmeans1d_core
 from coremltools.optimize.coreml import OpPalettizerConfig
 
 VALID_NBITS = (1, 2, 3, 4, 6, 8)
@@ -46,12 +48,35 @@ _F16_ORDER = np.concatenate([np.arange(0xFBFF, 0x8000, -1), np.arange(0, 0x7C00)
 _F16_SORTED = _F16_ORDER.astype(np.uint16).view(np.float16).astype(np.float64)
 _F16_NEG_ZERO = 0x8000
 
-# Coarse-to-fine schedule: an exact DP over a grid of about _COARSE_CELLS * k cells, then grids
-# _REFINE times finer where each boundary may move +-_HALF_WINDOW grid positions per pass.
-_COARSE_CELLS = 2
+# coremltools 9.0 ships Apple's weighted build of kmeans1d (exact 1-D k-means in C++); it is
+# called directly so that arrays cross without the Python-list conversion of its wrapper.
+_KMEANS1D = ctypes.CDLL(_kmeans1d_core.__file__)
+_KMEANS1D.cluster_with_weights.restype = None
+_KMEANS1D.cluster_with_weights.argtypes = [
+    np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS"),
+    np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS"),
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    np.ctypeslib.ndpointer(np.uint64, flags="C_CONTIGUOUS"),
+    np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS"),
+]
+
+# Search schedule (see _optimal_partition): grids of _COARSE_CELLS * k cells, refined
+# _REFINE-fold per level; local windows of +-_HALF_WINDOW grid positions, migration windows of
+# +-_MIGRATION_HALF_WINDOW positions around a boundary and its neighbours plus _INSIDE fractions of
+# the two clusters it separates.
+_COARSE_CELLS = 4
+_INIT = 'exact'
+_SETTLE_COARSE = True
+_SETTLE_ALL = False
+_MIGRATE_ALL = True
 _REFINE = 4
 _HALF_WINDOW = 8
-_MAX_PASSES_PER_LEVEL = 64
+_MIGRATION_HALF_WINDOW = 4
+_INSIDE = np.arange(1, 4) / 4
+_MAX_PASSES = 64
+# A settling pass that gains less than this fraction of the cost ends the search.
+_TOLERANCE = 1e-6
 # Cost matrices are built for this many (window x window) entries at a time.
 _CHUNK_ELEMENTS = 1 << 18
 
@@ -217,27 +242,38 @@ def _optimal_partition(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
     np.cumsum(np.cbrt(w * spacing * spacing), out=density[1:])
     density /= density[-1]
 
-    # The grids mix in the point rank so that 2n cells separate every point however the density
-    # concentrates.
     coord = (density + np.arange(n + 1) / n) / 2
     cells = _COARSE_CELLS * k
+    if _INIT == "exact":
+        edges = _grid(density, cells)
+        if edges.size - 1 <= k:
+            edges = np.arange(n + 1)
+        mass = np.add.reduceat(w, edges[:-1])
+        labels = _exact_kmeans(np.add.reduceat(w * x, edges[:-1]) / mass, mass, k)
+        bounds = edges[1:-1][labels[1:] != labels[:-1]]
+    else:
+        inner = np.arange(1, k)
+        bounds = np.searchsorted(density, inner / k)
+        bounds = np.clip(np.maximum.accumulate(bounds - inner), 0, n - k) + inner
     edges = _grid(coord, cells)
-    while edges.size <= k:
-        cells *= 2
-        edges = _grid(coord, cells)
-    band = edges.size - k
-    at = np.arange(1, k)[:, None] + np.arange(band)
-    bounds, _ = _window_pass(edges[at], edges[at[:, 0]], prefix)
+    cost = _partition_cost(bounds, prefix)
+    if _SETTLE_COARSE:
+        bounds, cost = _settle(edges, bounds, cost, prefix)
     while edges.size < n + 1:
         cells *= _REFINE
         edges = _grid(coord, cells)
-        for _ in range(_MAX_PASSES_PER_LEVEL):
-            at = np.searchsorted(edges, bounds)[:, None] + np.arange(-_HALF_WINDOW, _HALF_WINDOW + 1)
-            cand = np.concatenate([edges[np.clip(at, 1, edges.size - 2)], bounds[:, None]], axis=1)
-            bounds, moved = _window_pass(cand, bounds, prefix)
-            if not moved:
-                break
-    return np.concatenate([[0], bounds])
+        if _SETTLE_ALL:
+            bounds, cost = _settle(edges, bounds, cost, prefix, migrate=_MIGRATE_ALL)
+        else:
+            bounds, cost = _window_pass(_local(edges, bounds, n), prefix)
+    return np.concatenate([[0], _settle(edges, bounds, cost, prefix)[0]])
+
+
+def _partition_cost(bounds: np.ndarray, prefix: np.ndarray) -> float:
+    """Total within-cluster sum of squares of the partition with inner boundaries ``bounds``."""
+    full = np.concatenate([[0], bounds, [prefix.shape[1] - 1]])
+    s0, s1, s2 = np.diff(prefix[:, full], axis=1)
+    return float((s2 - s1 * s1 / s0).sum())
 
 
 def _grid(coord: np.ndarray, cells: int) -> np.ndarray:
@@ -246,11 +282,71 @@ def _grid(coord: np.ndarray, cells: int) -> np.ndarray:
     return edges[np.r_[True, edges[1:] != edges[:-1]]]
 
 
-def _window_pass(cand: np.ndarray, bounds: np.ndarray, prefix: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Best joint choice of inner boundary ``j`` among the positions ``cand[j]``, and whether it moved.
+def _settle(edges: np.ndarray, bounds: np.ndarray, cost: float, prefix: np.ndarray, migrate: bool = True) -> tuple[np.ndarray, float]:
+    """Improve ``bounds`` on ``edges`` until neither a local nor a migration pass gains _TOLERANCE."""
+    n = prefix.shape[1] - 1
+    for _ in range(_MAX_PASSES):
+        bounds, new_cost = _window_pass(_local(edges, bounds, n), prefix)
+        if cost - new_cost <= _TOLERANCE * new_cost:
+            if not migrate:
+                return bounds, new_cost
+            cost = new_cost
+            bounds, new_cost = _window_pass(_migration(edges, bounds, prefix), prefix)
+            if cost - new_cost <= _TOLERANCE * new_cost:
+                return bounds, new_cost
+        cost = new_cost
+    return bounds, cost
 
-    A min-plus DP over the windows, exact for the windows given; ``bounds`` are the current
-    boundaries, for the second result.
+
+def _local(edges: np.ndarray, bounds: np.ndarray, n: int) -> np.ndarray:
+    """Candidates of each inner boundary: itself and the grid positions within +-_HALF_WINDOW."""
+    at = np.searchsorted(edges, bounds)[:, None] + np.arange(-_HALF_WINDOW, _HALF_WINDOW + 1)
+    cand = np.concatenate([edges[np.clip(at, 0, edges.size - 1)], bounds[:, None]], axis=1)
+    return np.clip(cand, 1, n - 1)
+
+
+def _migration(edges: np.ndarray, bounds: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+    """Candidates of each inner boundary for a pass that can move clusters between regions.
+
+    Boundary ``j`` may stay near itself, move next to either neighbour, or take the best 2-means
+    split point of either cluster it separates. One pass can thus shift a whole run of boundaries
+    by one cluster (merging two clusters at one end of the run, splitting one at the other),
+    which local windows cannot.
+    """
+    n = prefix.shape[1] - 1
+    full = np.concatenate([[0], bounds, [n]])
+    steps = np.arange(-_MIGRATION_HALF_WINDOW, _MIGRATION_HALF_WINDOW + 1)
+    near = edges[np.clip(np.searchsorted(edges, full)[:, None] + steps, 0, edges.size - 1)]
+    split = _best_splits(full, prefix)[:, None]
+    cand = np.concatenate([near[:-2], near[1:-1], near[2:], split[:-1], split[1:], bounds[:, None]], axis=1)
+    return np.clip(cand, 1, n - 1)
+
+
+def _best_splits(full: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+    """For each cluster ``[full[c], full[c + 1])``, the split position minimizing the two halves' cost.
+
+    A single-point cluster cannot be split; its start position is returned.
+    """
+    n = prefix.shape[1] - 1
+    cluster = np.repeat(np.arange(full.size - 1), np.diff(full))
+    start, stop = full[cluster], full[cluster + 1]
+    at = prefix[:, :n]
+    left = at - prefix[:, start]
+    right = prefix[:, stop] - at
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cost = (left[2] - left[1] * left[1] / left[0]) + (right[2] - right[1] * right[1] / right[0])
+    position = np.arange(n)
+    cost[position == start] = np.inf
+    best = np.minimum.reduceat(cost, full[:-1])
+    first = np.where(cost == best[cluster], position, n)
+    found = np.minimum.reduceat(first, full[:-1])
+    return np.where(found < n, found, full[:-1])
+
+
+def _window_pass(cand: np.ndarray, prefix: np.ndarray) -> tuple[np.ndarray, float]:
+    """Best joint choice of inner boundary ``j`` among the positions ``cand[j]``, and its cost.
+
+    A min-plus DP over the windows, exact for the windows given.
     """
     n = prefix.shape[1] - 1
     c0, c1, c2 = prefix[:, cand]
@@ -272,9 +368,19 @@ def _window_pass(cand: np.ndarray, bounds: np.ndarray, prefix: np.ndarray) -> tu
             choice[j] = np.argmin(total, axis=0)
             best = total[choice[j], cols]
     tail0, tail1, tail2 = prefix[:, n, None] - prefix[:, cand[-1]]
+    best = best + tail2 - tail1 * tail1 / tail0
     sel = np.empty(cand.shape[0], dtype=np.intp)
-    sel[-1] = np.argmin(best + tail2 - tail1 * tail1 / tail0)
+    sel[-1] = np.argmin(best)
     for j in range(cand.shape[0] - 2, -1, -1):
         sel[j] = choice[j, sel[j + 1]]
-    chosen = cand[np.arange(cand.shape[0]), sel]
-    return chosen, not np.array_equal(chosen, bounds)
+    return cand[np.arange(cand.shape[0]), sel], float(best[sel[-1]])
+
+
+def _exact_kmeans(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
+    """Cluster label of each sorted point: exact weighted 1-D k-means, ``len(x) > k``."""
+    labels = np.empty(x.size, dtype=np.uint64)
+    centroids = np.empty(k, dtype=np.float64)
+    _KMEANS1D.cluster_with_weights(
+        np.ascontiguousarray(x, dtype=np.float64), np.ascontiguousarray(w, dtype=np.float64), x.size, k, labels, centroids
+    )
+    return labels

@@ -1,65 +1,120 @@
 """The publish pipeline, top to bottom:
 
-recipe -> source -> convert -> compress -> (parity) -> card -> assemble -> (hub)
+recipe -> source -> convert -> compress -> parity -> card -> assemble -> (hub)
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from publisher.assemble import assemble, check_destination, package_path, promote
+from publisher.cache import StageCache, hash_path, make_key
 from publisher.card import render_card
 from publisher.compress import compress_package
-from publisher.convert import ConvertedComponent, convert_component, image_size
+from publisher.convert import convert_component, image_size
+from publisher.hub import PushResult, format_operations, format_summary, push_folder
 from publisher.monitor import Monitor
+from publisher.parity import ComponentParity, gate, image_parity, measure_component
 from publisher.recipe import Recipe, Variant, load_recipe
-from publisher.report import ComponentReport, PublishReport, VariantReport, tool_versions
+from publisher.report import (
+    ComponentReport,
+    ImageParity,
+    ParityResult,
+    PublishReport,
+    StageCost,
+    VariantReport,
+    tool_versions,
+)
 from publisher.source import LoadedSource, load_source
 
-# Only the UNet's attention differs between variants; the other components are converted once.
 ATTENTION_COMPONENTS = ("unet",)
+PACKAGE = "model.mlpackage"
+COST = "cost.json"
 
 
 @dataclass
 class BuiltComponent:
-    converted: ConvertedComponent
+    component: str
+    converted: Path
     package: Path
+    parameters: int
+    convert_seconds: float
     compress_seconds: float
 
 
 @dataclass
 class Build:
-    """Packages built in the work folder, keyed by their path inside the published repository."""
+    """Packages built for each variant, keyed by their path inside the published repository."""
 
     packages: dict[str, Path] = field(default_factory=dict)
     variants: list[VariantReport] = field(default_factory=list)
+    by_variant: dict[str, dict[str, Path]] = field(default_factory=dict)
 
 
-def publish(recipe_file: Path, out: Path, *, quiet: bool = False) -> PublishReport:
-    """Run a recipe end to end and leave the assembled repository in ``out``."""
+@dataclass
+class Parity:
+    results: list[ParityResult] = field(default_factory=list)
+    images: list[ImageParity] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    revision: str | None = None
+    create_pr: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class Run:
+    """What every stage of one run shares."""
+
+    recipe: Recipe
+    source: LoadedSource
+    source_identity: str
+    cache: StageCache
+    monitor: Monitor
+    work: Path
+
+
+def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOptions | None = None,
+            cache: StageCache | None = None) -> PublishReport:
+    """Run a recipe end to end and leave the assembled repository in ``out``; optionally push it.
+
+    Finished stages are taken from ``cache`` (default: the user cache), so a rerun after an
+    interruption resumes where the last run stopped.
+    """
     monitor = Monitor(quiet=quiet)
     recipe = load_recipe(recipe_file)
     check_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    remove_abandoned_work(out)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-{os.getpid()}-", dir=out.parent))
     # coremltools writes temporary packages to the temp dir and does not always delete them.
     previous_tempdir, tempfile.tempdir = tempfile.tempdir, str(work)
     try:
-        with monitor.stage("load source"):
+        with monitor.stage("load source", record=False):
             source = load_source(recipe)
-        build = build_variants(recipe, source, work, monitor)
-        report = make_report(recipe, source, build, monitor)
-        with monitor.stage("render card"):
+        run = Run(recipe, source, source_identity(recipe), cache or StageCache(), monitor, work)
+        build = build_variants(run)
+        parity = check_parity(run, build)
+        report = make_report(recipe, source, build, parity, monitor)
+        with monitor.stage("render card", record=False):
             card = render_card(report, template=recipe.card.template, extra_tags=recipe.card.tags)
-        with monitor.stage("assemble"):
+        with monitor.stage("assemble", record=False):
             staging = assemble(
                 work / "repo",
                 packages=build.packages,
                 tokenizer_files=source.tokenizer_files(),
                 recipe_text=recipe.text,
+                images=work / "images",
                 report=report,
                 card=card,
             )
@@ -68,21 +123,66 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False) -> PublishRepo
         tempfile.tempdir = previous_tempdir
         shutil.rmtree(work, ignore_errors=True)
     monitor.say(f"[bold]Published folder ready:[/bold] {out}")
+    if push is not None:
+        push_folder_and_report(out, recipe.target.repo, private=recipe.target.private, options=push, quiet=quiet)
     return report
 
 
-def build_variants(recipe: Recipe, source: LoadedSource, work: Path, monitor: Monitor) -> Build:
+def remove_abandoned_work(out: Path) -> None:
+    """A killed run cannot clean up after itself: remove work folders whose process is gone."""
+    for folder in out.parent.glob(f".{out.name}.work-*"):
+        pid = folder.name.removeprefix(f".{out.name}.work-").split("-")[0]
+        if not (pid.isdigit() and psutil.pid_exists(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+    retired = out.parent / f".{out.name}.previous"
+    if retired.exists() and out.exists():
+        shutil.rmtree(retired, ignore_errors=True)
+    elif retired.exists():
+        retired.rename(out)  # killed between the two renames of promote(): the previous publish stands
+
+
+def push_folder_and_report(folder: Path, repo_id: str, *, private: bool, options: PushOptions,
+                           quiet: bool = False) -> PushResult:
+    """Upload an assembled folder in one commit and print what happened (the operations on a dry run)."""
+    result = push_folder(folder, repo_id, private=private, revision=options.revision,
+                         create_pr=options.create_pr, dry_run=options.dry_run, progress=not quiet)
+    print(format_operations(result) if options.dry_run else format_summary(result))
+    return result
+
+
+def source_identity(recipe: Recipe) -> str:
+    """A Hub revision is immutable; a local folder is identified by its content."""
+    source = recipe.source
+    return f"{source.repo}@{source.revision}" if source.repo else f"local:{hash_path(source.path)}"
+
+
+def cached(run: Run, stage: str, key_parts: dict, label: str, produce: Callable[[Path], None]) -> Path:
+    """The cache entry for ``stage``: reused when present, else made by ``produce(folder)``."""
+    key = make_key(stage, key_parts)
+    entry = run.cache.lookup(stage, key)
+    if entry is not None:
+        run.monitor.say(f"[cyan]↷[/cyan] {stage} {label} [dim](cached)[/dim]")
+        # The report keeps the cost measured when the entry was made, so a resumed or repeated run
+        # reports (and publishes) the same numbers.
+        run.monitor.costs.append(StageCost.model_validate_json((entry / COST).read_text()))
+        return entry
+    with run.cache.store(stage, key, label) as folder:
+        with run.monitor.stage(stage, label):
+            produce(folder)
+        (folder / COST).write_text(run.monitor.costs[-1].model_dump_json())
+    return run.cache.root / stage / key
+
+
+def build_variants(run: Run) -> Build:
+    recipe = run.recipe
     build = Build()
-    shared: dict[str, BuiltComponent] = {}
     for variant in recipe.variants:
         reports = []
         for component in recipe.conversion.components:
-            reuse = component not in ATTENTION_COMPONENTS and component in shared
-            built = shared[component] if reuse else build_component(recipe, source, variant, component, work, monitor)
-            if component not in ATTENTION_COMPONENTS:
-                shared[component] = built
+            built = build_component(run, variant, component)
             relative = package_path(variant.folder_name, recipe.model_version, component)
             build.packages[relative] = built.package
+            build.by_variant.setdefault(variant.folder_name, {})[component] = built.package
             reports.append(component_report(recipe, built, relative, variant))
         build.variants.append(
             VariantReport(
@@ -95,19 +195,77 @@ def build_variants(recipe: Recipe, source: LoadedSource, work: Path, monitor: Mo
     return build
 
 
-def build_component(
-    recipe: Recipe, source: LoadedSource, variant: Variant, component: str, work: Path, monitor: Monitor
-) -> BuiltComponent:
-    folder = work / variant.folder_name
-    folder.mkdir(parents=True, exist_ok=True)
-    with monitor.stage("convert", f"{variant.folder_name}/{component}"):
-        converted = convert_component(recipe, source, component, folder / f"{component}.mlpackage")
+def build_component(run: Run, variant: Variant, component: str) -> BuiltComponent:
+    recipe = run.recipe
+    # Only the UNet's attention differs between variants: the others are shared through the cache.
+    attention = variant.attention if component in ATTENTION_COMPONENTS else "original"
+
+    def convert(folder: Path) -> None:
+        converted = convert_component(recipe, run.source, component, folder / PACKAGE)
+        (folder / "meta.json").write_text(json.dumps({"parameters": converted.parameters,
+                                                       "seconds": converted.seconds}))
+
+    converted = cached(run, "convert", {
+        "component": component, "attention": attention, "source": run.source_identity,
+        "conversion": recipe.conversion.model_dump(mode="json", exclude={"components"}),
+    }, f"{variant.folder_name}/{component}", convert)
+    meta = json.loads((converted / "meta.json").read_text())
+    built = BuiltComponent(component, converted / PACKAGE, converted / PACKAGE, meta["parameters"],
+                           meta["seconds"], 0.0)
     scheme = recipe.compression.for_component(component)
     if scheme.is_none:
-        return BuiltComponent(converted, converted.package, 0.0)
-    with monitor.stage("compress", f"{variant.folder_name}/{component} ({scheme.describe()})"):
-        compressed = compress_package(converted.package, scheme, folder / f"{component}.compressed.mlpackage")
-    return BuiltComponent(converted, compressed.package, compressed.seconds)
+        return built
+
+    def compress(folder: Path) -> None:
+        result = compress_package(converted / PACKAGE, scheme, folder / PACKAGE)
+        (folder / "meta.json").write_text(json.dumps({"seconds": result.seconds}))
+
+    compressed = cached(run, "compress", {
+        "package": hash_path(converted / PACKAGE), "scheme": scheme.model_dump(mode="json"),
+    }, f"{variant.folder_name}/{component} ({scheme.describe()})", compress)
+    built.package = compressed / PACKAGE
+    built.compress_seconds = json.loads((compressed / "meta.json").read_text())["seconds"]
+    return built
+
+
+def check_parity(run: Run, build: Build) -> Parity:
+    """Gate every package on its PSNR against the torch reference, then compare end-to-end images.
+
+    A package shared by several variants is measured once and reported under each.
+    """
+    recipe = run.recipe
+    parity = Parity()
+    settings = {"source": run.source_identity, "prompts": list(recipe.card.prompts),
+                "seed": recipe.parity.seed, "steps": recipe.parity.image_steps}
+    for variant, packages in build.by_variant.items():
+        for component, package in packages.items():
+            def measure(folder: Path, component: str = component, package: Path = package) -> None:
+                measured = measure_component(recipe, run.source, component, package)
+                (folder / "psnr.json").write_text(json.dumps(measured.psnr_db))
+
+            entry = cached(run, "parity", {"component": component, "package": hash_path(package), **settings},
+                           f"{variant}/{component}", measure)
+            measured = ComponentParity(component, json.loads((entry / "psnr.json").read_text()))
+            parity.results += gate(recipe, variant, measured)
+        if recipe.parity.image_steps:
+            parity.images += variant_images(run, variant, packages, settings)
+    return parity
+
+
+def variant_images(run: Run, variant: str, packages: dict[str, Path], settings: dict) -> list[ImageParity]:
+    def render(folder: Path) -> None:
+        results = image_parity(run.recipe, run.source, variant, packages, folder, {})
+        (folder / "images.json").write_text(json.dumps([result.model_dump() for result in results]))
+
+    hashes = {component: hash_path(package) for component, package in sorted(packages.items())}
+    entry = cached(run, "images", {"packages": hashes, **settings}, variant, render)
+    results = [ImageParity.model_validate(item) for item in json.loads((entry / "images.json").read_text())]
+    for result in results:
+        for relative in (result.reference_image, result.variant_image):
+            destination = run.work / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(entry / relative, destination)
+    return results
 
 
 def weights_bytes(package: Path) -> int:
@@ -115,25 +273,25 @@ def weights_bytes(package: Path) -> int:
 
 
 def component_report(recipe: Recipe, built: BuiltComponent, relative: str, variant: Variant) -> ComponentReport:
-    converted = built.converted
-    fp16_bytes = weights_bytes(converted.package)
+    fp16_bytes = weights_bytes(built.converted)
     if recipe.conversion.precision == "float32":
         fp16_bytes //= 2
     compressed_bytes = weights_bytes(built.package)
     return ComponentReport(
-        component=converted.component,
+        component=built.component,
         package=relative.removeprefix(f"{variant.folder_name}/"),
-        parameters=converted.parameters,
+        parameters=built.parameters,
         fp16_bytes=fp16_bytes,
         compressed_bytes=compressed_bytes,
-        scheme=recipe.compression.for_component(converted.component).describe(),
-        bits_per_weight=round(compressed_bytes * 8 / converted.parameters, 3) if converted.parameters else 0.0,
-        convert_seconds=round(converted.seconds, 3),
+        scheme=recipe.compression.for_component(built.component).describe(),
+        bits_per_weight=round(compressed_bytes * 8 / built.parameters, 3) if built.parameters else 0.0,
+        convert_seconds=round(built.convert_seconds, 3),
         compress_seconds=round(built.compress_seconds, 3),
     )
 
 
-def make_report(recipe: Recipe, source: LoadedSource, build: Build, monitor: Monitor) -> PublishReport:
+def make_report(recipe: Recipe, source: LoadedSource, build: Build, parity: Parity,
+                monitor: Monitor) -> PublishReport:
     return PublishReport(
         recipe_name=recipe.name,
         recipe_file=recipe.file.name,
@@ -149,5 +307,7 @@ def make_report(recipe: Recipe, source: LoadedSource, build: Build, monitor: Mon
         tool_versions=tool_versions(),
         card_tags=list(recipe.card.tags),
         variants=build.variants,
+        parity=parity.results,
+        image_parity=parity.images,
         stages=list(monitor.costs),
     )

@@ -26,8 +26,12 @@ from pydantic import (
 
 from publisher.errors import RecipeError
 
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-Component = Literal["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "controlnet", "control_unet")
+Component = Literal[
+    "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "controlnet", "control_unet"
+]
+VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
+Precision = Literal["float16", "float32"]
 PALETTIZE_NBITS = (1, 2, 3, 4, 6, 8)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -64,13 +68,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Source(_Strict):
-    """Where the diffusers pipeline comes from: a pinned Hub revision or a local folder."""
+class ModelSource(_Strict):
+    """A pinned Hub revision or a local folder."""
 
     repo: RepoId | None = None
     revision: str | None = None
     path: Path | None = None
-    family: Literal["sd1", "sd2", "sdxl"] | None = None
 
     @field_validator("revision")
     @classmethod
@@ -81,7 +84,7 @@ class Source(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _one_origin(self) -> Source:
+    def _one_origin(self) -> ModelSource:
         if (self.repo is None) == (self.path is None):
             raise ValueError("give exactly one of 'repo' (with 'revision') or 'path'")
         if self.repo is not None and self.revision is None:
@@ -89,6 +92,21 @@ class Source(_Strict):
         if self.path is not None and self.revision is not None:
             raise ValueError("'revision' only applies to 'repo', not to a local 'path'")
         return self
+
+    @property
+    def model_id(self) -> str:
+        """The Hub id, or the local folder's name."""
+        return self.repo or Path(self.path or "").name
+
+
+class Source(ModelSource):
+    """Where the diffusers pipeline comes from, and the single models that replace or join it."""
+
+    family: Literal["sd1", "sd2", "sdxl"] | None = None
+    # Replaces the pipeline's VAE, e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in fp16.
+    vae: ModelSource | None = None
+    # A diffusers ControlNetModel, converted as the `controlnet` component.
+    controlnet: ModelSource | None = None
 
 
 class PublishTarget(_Strict):
@@ -116,7 +134,9 @@ class Variant(_Strict):
 
 class Conversion(_Strict):
     components: tuple[Component, ...] = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-    precision: Literal["float16", "float32"] = "float16"
+    precision: Precision = "float16"
+    # SDXL's VAE overflows in float16 (black images): keep it float32 unless the source VAE is the fixed one.
+    vae_precision: Precision | None = None
     minimum_deployment_target: Target = Target.iOS16
     image_size: Annotated[int, Field(ge=64, le=2048, multiple_of=64)] | None = None
     unet_batch: Annotated[int, Field(ge=1, le=8)] = 2
@@ -129,6 +149,11 @@ class Conversion(_Strict):
         if len(set(value)) != len(value):
             raise ValueError("a component is listed twice")
         return value
+
+    def precision_for(self, component: str) -> Precision:
+        if component in VAE_COMPONENTS and self.vae_precision is not None:
+            return self.vae_precision
+        return self.precision
 
 
 class Palettize(_Strict):
@@ -225,6 +250,8 @@ class Compression(_Strict):
     unet: SchemeField
     vae_decoder: SchemeField
     vae_encoder: SchemeField
+    controlnet: SchemeField
+    control_unet: SchemeField
 
     @model_validator(mode="before")
     @classmethod
@@ -373,7 +400,8 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
-    parts = [str(part) for part in loc if part != "[key]"]
+    # A fuzzed or mistyped key may hold spaces or control characters: quote it so the line stays one line.
+    parts = [str(part) if re.fullmatch(r"[\w-]+", str(part)) else repr(str(part)) for part in loc if part != "[key]"]
     return ".".join(parts) or "(top level)"
 
 
@@ -401,7 +429,10 @@ def load_recipe(path: str | Path) -> Recipe:
         line = mark.line + 1 if mark else 1
         raise RecipeError(f"{shown}:{line}: invalid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{shown}: invalid YAML: {exc}") from None
+        position = getattr(exc, "position", None)
+        where = f" (character {position})" if position is not None else ""
+        problem = getattr(exc, "reason", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{shown}: invalid YAML{where}: {problem}") from None
     except RecipeError as exc:
         raise RecipeError(f"{shown}:{str(exc).removeprefix('line ')}") from None
     except RecursionError:
@@ -426,10 +457,18 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe.model_copy(update={"file": path.resolve(), "text": text})
 
 
+def _resolve_origin(origin: ModelSource, base: Path) -> ModelSource:
+    if origin.path is None or origin.path.is_absolute():
+        return origin
+    return origin.model_copy(update={"path": (base / origin.path).resolve()})
+
+
 def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     source, card = recipe.source, recipe.card
-    if source.path is not None and not source.path.is_absolute():
-        source = source.model_copy(update={"path": (base / source.path).resolve()})
+    source = _resolve_origin(source, base)
+    extras = {name: _resolve_origin(getattr(source, name), base) for name in ("vae", "controlnet")
+              if getattr(source, name) is not None}
+    source = source.model_copy(update=extras)
     if card.template is not None and not card.template.is_absolute():
         card = card.model_copy(update={"template": (base / card.template).resolve()})
     return recipe.model_copy(update={"source": source, "card": card})
@@ -440,16 +479,22 @@ def _cross_check(recipe: Recipe, data: dict[str, Any]) -> tuple[tuple[Any, ...],
     source = recipe.source
     if source.path is not None and not (source.path / "model_index.json").is_file():
         return ("source", "path"), f"{source.path} is not a diffusers pipeline folder (no model_index.json)"
+    for name in ("vae", "controlnet"):
+        model: ModelSource | None = getattr(source, name)
+        if model is not None and model.path is not None and not (model.path / "config.json").is_file():
+            return ("source", name, "path"), f"{model.path} is not a diffusers model folder (no config.json)"
     if recipe.card.template is not None and not recipe.card.template.is_file():
         return ("card", "template"), f"{recipe.card.template} does not exist"
 
-    for index, variant in enumerate(recipe.variants):
-        if variant.attention != "original":
-            return ("variants", index, "attention"), (
-                f"{variant.attention!r} is not supported yet by this version; use 'original'"
-            )
-
     converted = set(recipe.conversion.components)
+    if "controlnet" in converted and source.controlnet is None:
+        return ("conversion", "components"), "controlnet needs source.controlnet (the ControlNet model to convert)"
+    if source.controlnet is not None and "controlnet" not in converted:
+        return ("source", "controlnet"), "is given but conversion.components does not list controlnet"
+    if recipe.conversion.vae_precision is not None and not converted & set(VAE_COMPONENTS):
+        return ("conversion", "vae_precision"), "no VAE component is listed in conversion.components"
+    if source.vae is not None and not converted & set(VAE_COMPONENTS):
+        return ("source", "vae"), "is given but no VAE component is listed in conversion.components"
     target = recipe.conversion.minimum_deployment_target
     given = data.get("compression") if isinstance(data.get("compression"), dict) else {}
     for component in given:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from publisher.errors import PublisherError, RecipeError
-from publisher.recipe import Recipe
+from publisher.recipe import ModelSource, Recipe
 
 Family = Literal["sd1", "sd2", "sdxl"]
 
@@ -30,10 +30,19 @@ class LoadedSource:
     family: Family
     license: str | None
     revision: str | None
+    controlnet: Any = None
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The CLIP tokenizer; the SDXL refiner has only ``tokenizer_2`` (same vocabulary and merges)."""
+        tokenizer = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
+        if tokenizer is None:
+            raise PublisherError("the source pipeline has no tokenizer")
+        return tokenizer
 
     def tokenizer_files(self) -> list[Path]:
         """``vocab.json`` and ``merges.txt``, which Apple's Swift pipeline reads beside the models.
@@ -41,7 +50,7 @@ class LoadedSource:
         diffusers loads Hub sources from a local snapshot, so the tokenizer's ``name_or_path`` is a
         folder either way.
         """
-        folder = Path(self.pipe.tokenizer.name_or_path)
+        folder = Path(self.tokenizer.name_or_path)
         files = [folder / "vocab.json", folder / "merges.txt"]
         missing = [file.name for file in files if not file.is_file()]
         if missing:
@@ -87,10 +96,15 @@ def inspect_source(recipe: Recipe) -> SourceInfo:
     return SourceInfo(family=family, components=present, license=_license_from_card(source.path / "README.md"))
 
 
+# The pipeline model each component is made from; `controlnet` comes from source.controlnet instead.
+PIPELINE_MODEL = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
+                  "control_unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+
 def _check_components(recipe: Recipe, present: tuple[str, ...], family: Family) -> None:
     for component in recipe.conversion.components:
-        model = "vae" if component.startswith("vae_") else component
-        if model not in present:
+        model = PIPELINE_MODEL.get(component)
+        if model is not None and model not in present:
             raise RecipeError(
                 f"{recipe.file}: conversion.components: {component!r} is not in the source pipeline "
                 f"(it has {', '.join(sorted(present))})"
@@ -99,20 +113,40 @@ def _check_components(recipe: Recipe, present: tuple[str, ...], family: Family) 
         raise RecipeError(f"{recipe.file}: conversion.components: text_encoder_2 needs an sdxl source, not {family}")
 
 
-def load_source(recipe: Recipe) -> LoadedSource:
-    """Load the pipeline with diffusers' own loader (a local folder or a pinned Hub revision)."""
+def load_source(recipe: Recipe, models: tuple[str, ...] | None = None) -> LoadedSource:
+    """Load the pipeline with diffusers' own loader (a local folder or a pinned Hub revision).
+
+    ``models`` names the models whose weights are needed (pipeline folders such as ``unet``, plus
+    ``controlnet``); the others are built empty on the meta device, so their configs still answer
+    shape questions while a process converting one component holds that component's weights alone.
+    All models load when ``models`` is None.
+    """
     import torch
     from diffusers import DiffusionPipeline
 
     info = inspect_source(recipe)
     source = recipe.source
-    location = str(source.path) if source.path is not None else source.repo
+
+    def wanted(name: str) -> bool:
+        return models is None or name in models
+
+    location = _location(source)
+    given = {name: _empty_model(class_name, location, source.revision, name)
+             for name, class_name in _pipeline_models(location, source.revision).items() if not wanted(name)}
+    if source.vae is not None:
+        given["vae"] = (_load_model if wanted("vae") else _empty_model)("AutoencoderKL", _location(source.vae),
+                                                                       source.vae.revision)
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            location, revision=source.revision, torch_dtype=torch.float32, safety_checker=None
+            location, revision=source.revision, torch_dtype=torch.float32, safety_checker=None, **given
         )
     except OSError as exc:
         raise PublisherError(f"cannot load the source pipeline {location}: {str(exc).splitlines()[0]}") from None
+    controlnet = None
+    if source.controlnet is not None:
+        controlnet = (_load_model if wanted("controlnet") else _empty_model)(
+            "ControlNetModel", _location(source.controlnet), source.controlnet.revision
+        )
     license_id = info.license
     if source.repo is not None:
         license_id = _hub_license(source.repo, source.revision)
@@ -123,10 +157,64 @@ def load_source(recipe: Recipe) -> LoadedSource:
         _check_components(recipe, tuple(name for name, value in pipe.components.items() if value is not None), family)
     else:
         family = info.family or "sd1"
-    for module in pipe.components.values():
+    for module in (*pipe.components.values(), controlnet):
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
-    return LoadedSource(pipe=pipe, family=family, license=license_id, revision=source.revision)
+    return LoadedSource(pipe=pipe, family=family, license=license_id, revision=source.revision, controlnet=controlnet)
+
+
+def _location(origin: ModelSource) -> str:
+    return str(origin.path) if origin.path is not None else str(origin.repo)
+
+
+def _model_class(class_name: str) -> Any:
+    import diffusers
+    import transformers
+
+    return getattr(diffusers, class_name, None) or getattr(transformers, class_name)
+
+
+def _load_model(class_name: str, location: str, revision: str | None) -> Any:
+    """A single diffusers model (a replacement VAE, a ControlNet) from its own repo or folder."""
+    import torch
+
+    try:
+        return _model_class(class_name).from_pretrained(location, revision=revision, torch_dtype=torch.float32)
+    except OSError as exc:
+        raise PublisherError(f"cannot load the {class_name} {location}: {str(exc).splitlines()[0]}") from None
+
+
+def _empty_model(class_name: str, location: str, revision: str | None, subfolder: str | None = None) -> Any:
+    """The model built from its config on the meta device: its config without its weights."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    cls = _model_class(class_name)
+    try:
+        if issubclass(cls, transformers.PreTrainedModel):
+            config = transformers.AutoConfig.from_pretrained(location, subfolder=subfolder or "", revision=revision)
+            with init_empty_weights():
+                return cls(config)
+        config = cls.load_config(location, subfolder=subfolder, revision=revision)
+    except OSError as exc:
+        raise PublisherError(f"cannot read the {class_name} config in {location}: {str(exc).splitlines()[0]}") from None
+    with init_empty_weights():
+        return cls.from_config(config)
+
+
+def _pipeline_models(location: str, revision: str | None) -> dict[str, str]:
+    """The pipeline's torch models (not schedulers or tokenizers), name -> class name, from model_index.json."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(location, revision=revision)
+    models = {}
+    for name, spec in index.items():
+        if isinstance(spec, list) and spec[0] in ("diffusers", "transformers") and spec[1] is not None:
+            cls = _model_class(spec[1])
+            if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+                models[name] = spec[1]
+    return models
 
 
 def _hub_license(repo: str, revision: str | None) -> str | None:

@@ -15,6 +15,14 @@ DEMO_RECIPE = ROOT / "recipes" / "examples" / "tiny-sd-palettized.yaml"
 TINY_SOURCE = ROOT / "recipes" / "examples" / "tiny-sd"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory) -> Path:
+    """Tests never read or fill the user's stage cache; subprocesses inherit the variable."""
+    root = tmp_path_factory.mktemp("stage-cache")
+    os.environ["COREML_PUBLISHER_CACHE"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def demo_output(tmp_path_factory) -> Path:
     """The demo recipe published end to end (about a minute on two cores)."""

@@ -30,11 +30,14 @@ CONVERT_ATTENTION = textwrap.dedent(
 
 
 def _convert_in_subprocess(fix: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", CONVERT_ATTENTION.format(fix=fix)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", CONVERT_ATTENTION.format(fix=fix)], capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.skipif(tuple(int(p) for p in np.__version__.split(".")[:2]) < (2, 4), reason="bug needs NumPy >= 2.4")
+@pytest.mark.skipif(
+    tuple(int(p) for p in np.__version__.split(".")[:2]) < (2, 4), reason="bug needs NumPy >= 2.4"
+)
 def test_unpatched_frontend_still_fails_on_attention():
     """Proves the next test exercises the bug: if this starts passing, coremltools fixed it upstream
     and `install_frontend_fixes` can go."""
@@ -48,11 +51,18 @@ def test_patched_frontend_converts_attention_exactly():
     attention = Attention(query_dim=32, heads=4, dim_head=8).eval()
     example = torch.randn(1, 16, 32)
     traced = torch.jit.trace(attention, example)
-    model = ct.convert(traced, convert_to="mlprogram", inputs=[ct.TensorType(name="x", shape=(1, 16, 32))],
-                       minimum_deployment_target=ct.target.iOS16, compute_precision=ct.precision.FLOAT32,
-                       skip_model_load=True)
-    op_types = {op.type for op in model.get_spec().mlProgram.functions["main"].block_specializations[
-        "CoreML6"].operations}
+    model = ct.convert(
+        traced,
+        convert_to="mlprogram",
+        inputs=[ct.TensorType(name="x", shape=(1, 16, 32))],
+        minimum_deployment_target=ct.target.iOS16,
+        compute_precision=ct.precision.FLOAT32,
+        skip_model_load=True,
+    )
+    op_types = {
+        op.type
+        for op in model.get_spec().mlProgram.functions["main"].block_specializations["CoreML6"].operations
+    }
     assert {"linear", "softmax", "matmul"} <= op_types
 
 

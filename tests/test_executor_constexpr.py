@@ -74,7 +74,9 @@ def _quantize(dtype: str, mode: str = "linear_symmetric", granularity: str = "pe
         config = cto.OpLinearQuantizerConfig(
             mode=mode, dtype=dtype, granularity=granularity, weight_threshold=512, **kw
         )
-        return cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=config), joint_compression=joint)
+        return cto.linear_quantize_weights(
+            model, cto.OptimizationConfig(global_config=config), joint_compression=joint
+        )
 
     return apply
 
@@ -94,7 +96,9 @@ def _joint(first, second):
 def _palettize_joint(nbits: int, **kw):
     def apply(model, joint: bool = True):
         config = cto.OpPalettizerConfig(mode="uniform", nbits=nbits, weight_threshold=512, **kw)
-        return cto.palettize_weights(model, cto.OptimizationConfig(global_config=config), joint_compression=joint)
+        return cto.palettize_weights(
+            model, cto.OptimizationConfig(global_config=config), joint_compression=joint
+        )
 
     return apply
 
@@ -104,47 +108,67 @@ CASES = {
     **{f"iOS18-lut-{n}bit": ("iOS18", _palettize(n), {"constexpr_lut_to_dense"}) for n in (1, 2, 3, 4, 6, 8)},
     **{
         f"iOS18-lut-{n}bit-grouped": (
-            "iOS18", _palettize(n, "per_grouped_channel", group_size=4), {"constexpr_lut_to_dense"}
+            "iOS18",
+            _palettize(n, "per_grouped_channel", group_size=4),
+            {"constexpr_lut_to_dense"},
         )
         for n in (1, 2, 3, 4, 6, 8)
     },
     "iOS18-lut-4bit-vector": (
-        "iOS18", _palettize(4, "per_grouped_channel", "kmeans", group_size=8, cluster_dim=2), {"constexpr_lut_to_dense"}
+        "iOS18",
+        _palettize(4, "per_grouped_channel", "kmeans", group_size=8, cluster_dim=2),
+        {"constexpr_lut_to_dense"},
     ),
     "iOS18-lut-4bit-channel-scale": (
-        "iOS18", _palettize(4, enable_per_channel_scale=True),
+        "iOS18",
+        _palettize(4, enable_per_channel_scale=True),
         {"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"},
     ),
     "iOS16-affine-int8": ("iOS16", _quantize("int8"), {"constexpr_affine_dequantize"}),
     "iOS16-affine-uint8-asym": (
-        "iOS16", _quantize("uint8", "linear", "per_tensor"), {"constexpr_affine_dequantize"}
+        "iOS16",
+        _quantize("uint8", "linear", "per_tensor"),
+        {"constexpr_affine_dequantize"},
     ),
     "iOS18-blockwise-int8": ("iOS18", _quantize("int8"), {"constexpr_blockwise_shift_scale"}),
     "iOS18-blockwise-int4-block8": (
-        "iOS18", _quantize("int4", granularity="per_block", block_size=8), {"constexpr_blockwise_shift_scale"}
+        "iOS18",
+        _quantize("int4", granularity="per_block", block_size=8),
+        {"constexpr_blockwise_shift_scale"},
     ),
     "iOS18-blockwise-uint4-asym": (
-        "iOS18", _quantize("uint4", "linear", "per_block", block_size=8), {"constexpr_blockwise_shift_scale"}
+        "iOS18",
+        _quantize("uint4", "linear", "per_block", block_size=8),
+        {"constexpr_blockwise_shift_scale"},
     ),
-    "iOS18-blockwise-uint8-asym": ("iOS18", _quantize("uint8", "linear"), {"constexpr_blockwise_shift_scale"}),
+    "iOS18-blockwise-uint8-asym": (
+        "iOS18",
+        _quantize("uint8", "linear"),
+        {"constexpr_blockwise_shift_scale"},
+    ),
     "iOS16-sparse": ("iOS16", _prune, {"constexpr_sparse_to_dense"}),
     "iOS18-sparse": ("iOS18", _prune, {"constexpr_sparse_to_dense"}),
     **{
         f"iOS18-sparse+lut-{n}bit": (
-            "iOS18", _joint(_prune, _palettize_joint(n)), {"constexpr_lut_to_sparse", "constexpr_sparse_to_dense"}
+            "iOS18",
+            _joint(_prune, _palettize_joint(n)),
+            {"constexpr_lut_to_sparse", "constexpr_sparse_to_dense"},
         )
         for n in (2, 4, 6)
     },
     "iOS18-sparse+int8": (
-        "iOS18", _joint(_prune, _quantize("int8")),
+        "iOS18",
+        _joint(_prune, _quantize("int8")),
         {"constexpr_sparse_blockwise_shift_scale", "constexpr_sparse_to_dense"},
     ),
     "iOS18-sparse+int4-block8": (
-        "iOS18", _joint(_prune, _quantize("int4", granularity="per_block", block_size=8)),
+        "iOS18",
+        _joint(_prune, _quantize("int4", granularity="per_block", block_size=8)),
         {"constexpr_sparse_blockwise_shift_scale", "constexpr_sparse_to_dense"},
     ),
     "iOS18-lut-4bit+int8-lut": (
-        "iOS18", _joint(_palettize(4), _quantize("int8", granularity="per_tensor")),
+        "iOS18",
+        _joint(_palettize(4), _quantize("int8", granularity="per_tensor")),
         {"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"},
     ),
 }
@@ -177,15 +201,23 @@ def test_decompression_is_bit_exact(case, precision, base_models, tmp_path):
 
     program = load_program(package)
     constexpr_ops = [op for op in program.function.operations if op.op_type.startswith("constexpr_")]
-    assert expected_ops <= {op.op_type for op in constexpr_ops}, "compression did not emit the form under test"
+    assert expected_ops <= {op.op_type for op in constexpr_ops}, (
+        "compression did not emit the form under test"
+    )
     for op in constexpr_ops:
         for var, expected in zip(op.outputs, _coremltools_value(op), strict=True):
             ours = program.constants[var.name].numpy()
             if expected.dtype == np.uint8 and ours.dtype == np.bool_:
                 ours = ours.astype(np.uint8)
-            assert ours.dtype == expected.dtype, f"{op.op_type} {var.name}: dtype {ours.dtype} != {expected.dtype}"
-            assert ours.shape == expected.shape, f"{op.op_type} {var.name}: shape {ours.shape} != {expected.shape}"
-            assert np.array_equal(ours.view(np.uint8), expected.view(np.uint8)), f"{op.op_type} {var.name} differs"
+            assert ours.dtype == expected.dtype, (
+                f"{op.op_type} {var.name}: dtype {ours.dtype} != {expected.dtype}"
+            )
+            assert ours.shape == expected.shape, (
+                f"{op.op_type} {var.name}: shape {ours.shape} != {expected.shape}"
+            )
+            ours_bits, expected_bits = (np.ascontiguousarray(v).view(np.uint8) for v in (ours, expected))
+            same_bits = np.array_equal(ours_bits, expected_bits)
+            assert same_bits, f"{op.op_type} {var.name} differs"
 
 
 def test_compressed_program_runs_with_decompressed_weights(base_models, tmp_path):

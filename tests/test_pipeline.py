@@ -19,15 +19,25 @@ from tests.conftest import DEMO_RECIPE, ROOT, TINY_SOURCE
 
 PREFIX = "original/packages/Stable_Diffusion_version_tiny-sd-palettized"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-FP16, FP32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16, ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+FP16, FP32 = (
+    ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16,
+    ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32,
+)
 
 # Apple's ml-stable-diffusion contract, at the tiny model's sizes (latent 32, image 64, width 32).
 CONTRACT = {
-    "text_encoder": ({"input_ids": ((1, 77), FP32)},
-                     {"last_hidden_state": (1, 77, 32), "pooled_outputs": (1, 32)}),
-    "unet": ({"sample": ((2, 4, 32, 32), FP16), "timestep": ((2,), FP16),
-              "encoder_hidden_states": ((2, 32, 1, 77), FP16)},
-             {"noise_pred": (2, 4, 32, 32)}),
+    "text_encoder": (
+        {"input_ids": ((1, 77), FP32)},
+        {"last_hidden_state": (1, 77, 32), "pooled_outputs": (1, 32)},
+    ),
+    "unet": (
+        {
+            "sample": ((2, 4, 32, 32), FP16),
+            "timestep": ((2,), FP16),
+            "encoder_hidden_states": ((2, 32, 1, 77), FP16),
+        },
+        {"noise_pred": (2, 4, 32, 32)},
+    ),
     "vae_decoder": ({"z": ((1, 4, 32, 32), FP16)}, {"image": (1, 3, 64, 64)}),
     "vae_encoder": ({"x": ((1, 3, 64, 64), FP16)}, {"latent": (1, 8, 32, 32)}),
 }
@@ -35,11 +45,20 @@ CONTRACT = {
 
 def test_demo_layout(demo_output: Path):
     files = {path.relative_to(demo_output).as_posix() for path in demo_output.iterdir()}
-    assert files == {"original", "vocab.json", "merges.txt", "recipe.yaml", "publish_report.json", "README.md"}
+    assert files == {
+        "original",
+        "vocab.json",
+        "merges.txt",
+        "recipe.yaml",
+        "publish_report.json",
+        "README.md",
+    }
     packages = sorted(p.name for p in (demo_output / "original" / "packages").iterdir())
     assert packages == [f"{PREFIX.split('/')[-1]}_{c}.mlpackage" for c in COMPONENTS]
     assert (demo_output / "recipe.yaml").read_bytes() == DEMO_RECIPE.read_bytes()
-    assert (demo_output / "vocab.json").read_bytes() == (TINY_SOURCE / "tokenizer" / "vocab.json").read_bytes()
+    assert (demo_output / "vocab.json").read_bytes() == (
+        TINY_SOURCE / "tokenizer" / "vocab.json"
+    ).read_bytes()
     leftovers = [p.name for p in demo_output.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []
 
@@ -49,8 +68,10 @@ def test_package_follows_apples_io_contract(demo_output: Path, component: str):
     spec = ct.utils.load_spec(str(demo_output / f"{PREFIX}_{component}.mlpackage"))
     assert spec.WhichOneof("Type") == "mlProgram"
     inputs, outputs = CONTRACT[component]
-    got_inputs = {i.name: (tuple(i.type.multiArrayType.shape), i.type.multiArrayType.dataType)
-                  for i in spec.description.input}
+    got_inputs = {
+        i.name: (tuple(i.type.multiArrayType.shape), i.type.multiArrayType.dataType)
+        for i in spec.description.input
+    }
     assert got_inputs == inputs
     got_outputs = {o.name: tuple(o.type.multiArrayType.shape) for o in spec.description.output}
     assert got_outputs == outputs
@@ -135,8 +156,12 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path: Path):
 def test_cli_publish_bad_recipe_exit_code_and_no_traceback(tmp_path: Path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(DEMO_RECIPE.read_text().replace("nbits: 6", "nbits: 7", 1))
-    result = subprocess.run([sys.executable, "-m", "publisher", "publish", str(recipe), "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "publisher", "publish", str(recipe), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "compression.text_encoder.palettize.nbits: 7 is not one of 1,2,3,4,6,8" in result.stderr
@@ -144,8 +169,12 @@ def test_cli_publish_bad_recipe_exit_code_and_no_traceback(tmp_path: Path):
 
 
 def test_cli_plan_lists_packages_and_sizes():
-    result = subprocess.run([sys.executable, "-m", "publisher", "plan", str(DEMO_RECIPE)],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "publisher", "plan", str(DEMO_RECIPE)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     for component in COMPONENTS:
         assert f"{PREFIX}_{component}.mlpackage" in result.stdout

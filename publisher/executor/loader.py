@@ -7,7 +7,6 @@ exact bytes that ship. Constants and decompressed constexpr weights are material
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,12 +100,12 @@ class LoadedProgram:
     """An ML Program's main function, compiled for the torch executor."""
 
     path: Path
-    function: Any
+    function: Any = field(repr=False)
     """The pymil Function (kept for introspection: ops, declared types)."""
     opset: str
     inputs: dict[str, TensorSpec]
     outputs: list[TensorSpec]
-    steps: list[Step]
+    steps: list[Step] = field(repr=False)
     constants: dict[str, torch.Tensor] = field(repr=False)
     load_seconds: float = 0.0
     """Reading the spec and weights and rebuilding the pymil Program."""
@@ -171,8 +170,6 @@ def load_program(package: Path | str) -> LoadedProgram:
     if not path.exists():
         raise ExecutorError(f"{path}: no such model package")
     start = time.perf_counter()
-    # coremltools logs a warning per missing macOS-only runtime proxy; they are expected here.
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
     try:
         spec, program, _ = _read_program(path)
     except ExecutorError:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+import hf_xet
 import yaml
 
 # The .gitattributes the Hub writes into every new model repo (abridged to the rules that matter here).
@@ -199,10 +200,9 @@ def _matches(pattern: str, path: str) -> bool:
 class HubStorage:
     """Repos, refs, immutable commit snapshots and content-addressed blobs under one directory."""
 
-    def __init__(self, root: Path, base_url: Callable[[], str]):
+    def __init__(self, root: Path):
         self.root = root
         self.cas_dir = root / "cas"
-        self._base_url = base_url
         for sub in ("lfs", "git", "commits", "uploads", "cas"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
@@ -256,8 +256,6 @@ class HubStorage:
         target = self.lfs_path(sha256)
         if target.exists():
             return target
-        import hf_xet
-
         with self.lock:
             if self._xet_session is None:
                 self._xet_session = hf_xet.XetSession()
@@ -407,11 +405,11 @@ class HubServer:
         self.multipart_chunk_size = multipart_chunk_size
         self.namespaces = {t.user for t in tokens.values()} | {o for t in tokens.values() for o in t.orgs}
         self.namespaces |= set(namespaces)
-        self.storage = HubStorage(root, lambda: self.url)
+        self.storage = HubStorage(root)
         self.requests: list[RequestRecord] = []
         self.errors: list[str] = []
         self._faults: list[Fault] = []
-        self._holds: dict[str, threading.Barrier] = {}
+        self._holds: dict[str, tuple[threading.Barrier, list[int]]] = {}  # step -> (barrier, [requests left])
         self._control = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._httpd: _Server | None = None
@@ -442,7 +440,7 @@ class HubServer:
             for conn in list(self._connections):
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-            for barrier in self._holds.values():
+            for barrier, _ in self._holds.values():
                 barrier.abort()
         self._httpd.server_close()  # joins the handler threads
         assert self._thread is not None
@@ -464,18 +462,14 @@ class HubServer:
         with self._control:
             self._faults.append(Fault(step, action, times))
 
-    def clear_faults(self) -> None:
-        with self._control:
-            self._faults.clear()
-
     def pending_faults(self) -> list[Fault]:
         with self._control:
             return [f for f in self._faults if f.times > 0]
 
     def hold(self, step: str, parties: int) -> None:
-        """Hold requests to `step` until `parties` of them are waiting, then let them through together."""
+        """Hold the next `parties` requests to `step` until all of them arrived, then let them all through."""
         with self._control:
-            self._holds[step] = threading.Barrier(parties, timeout=30)
+            self._holds[step] = (threading.Barrier(parties, timeout=30), [parties])
 
     def requests_for(self, step: str) -> list[RequestRecord]:
         with self._control:
@@ -515,7 +509,13 @@ class HubServer:
 
     def _barrier(self, step: str) -> threading.Barrier | None:
         with self._control:
-            return self._holds.get(step)
+            if step not in self._holds:
+                return None
+            barrier, left = self._holds[step]
+            left[0] -= 1
+            if left[0] == 0:
+                del self._holds[step]
+            return barrier
 
     def _record(self, record: RequestRecord) -> None:
         with self._control:
@@ -586,33 +586,43 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self._body_read = 0
-        self._body_done = False
-        self._chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         self._remaining = int(self.headers.get("Content-Length") or 0)
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            # huggingface_hub always sends Content-Length; without it the body could not be drained exactly.
+            self.close_connection = True
+            self._send(_Response(411, b'{"error": "Content-Length required"}'), method == "HEAD")
+            return
         split = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         # Revisions and file paths arrive URL-quoted (refs%2Fpr%2F1): split the raw path before unquoting.
         self.segments = [s for s in split.path.split("/") if s != ""]
         route, step = self._route(method)
         self._fault = self.hub._take_fault(step) if step else None
-        status = 0
+        # Each outcome is recorded before the client can see it, so a test reading the log right after a
+        # client call returns finds every request of that call.
         try:
-            status = self._handle(method, step, route)
+            response = self._handle(step, route)
         except _ConnectionReset:
+            self._record(method, step, 0)
             self._reset()
+            return
         except (ConnectionError, TimeoutError):
+            self._record(method, step, 0)
             self.close_connection = True
+            return
         except Exception:
             # A bug in this server, not a protocol answer: keep it for the test fixture to report.
             self.hub.errors.append(traceback.format_exc())
             self.close_connection = True
-            status = 500
-            with contextlib.suppress(OSError):
-                self._send(self._error_response(RouteError(500, "test server bug")), method == "HEAD")
-        finally:
-            self.hub._record(RequestRecord(method, step, self.path, status, self._body_read))
+            response = self._error_response(RouteError(500, "test server bug"))
+        self._record(method, step, response.status)
+        with contextlib.suppress(ConnectionError):
+            self._send(response, method == "HEAD")
 
-    def _handle(self, method: str, step: str, route: Callable[[], _Response]) -> int:
+    def _record(self, method: str, step: str, status: int) -> None:
+        self.hub._record(RequestRecord(method, step, self.path, status, self._body_read))
+
+    def _handle(self, step: str, route: Callable[[], _Response]) -> _Response:
         fault = self._fault
         try:
             barrier = self.hub._barrier(step) if step else None
@@ -632,15 +642,16 @@ class _Handler(BaseHTTPRequestHandler):
         except RouteError as err:
             self._drain()
             response = self._error_response(err)
-        self._send(response, method == "HEAD")
-        return response.status
+        return response
 
     def _fault_error(self, status: int) -> RouteError:
         if status == 401:
             return RouteError(401, "Invalid credentials in Authorization header")
         if status == 412:
             return RouteError(412, "A commit has happened since. Please refresh and try again.")
-        return RouteError(status, f"Injected failure ({status})")
+        # Retry-After: 0 makes the client retry an injected 5xx after a second instead of its full backoff.
+        headers = {"Retry-After": "0"} if status >= 500 else {}
+        return RouteError(status, f"Injected failure ({status})", headers=headers)
 
     def _error_response(self, err: RouteError) -> _Response:
         headers = {"X-Error-Message": err.message, **err.headers}
@@ -690,29 +701,8 @@ class _Handler(BaseHTTPRequestHandler):
         return int(self.headers.get("Content-Length") or 0)
 
     def _iter_body(self, limit: int | None) -> Iterator[bytes]:
-        """Stream the request body (Content-Length or chunked), up to `limit` bytes."""
+        """Stream the request body, up to `limit` bytes."""
         budget = limit if limit is not None else float("inf")
-        if self._chunked:
-            while not self._body_done and budget > 0:
-                if self._remaining == 0:
-                    size_line = self.rfile.readline(65537)
-                    size = int(size_line.split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                            pass
-                        self._body_done = True
-                        return
-                    self._remaining = size
-                data = self.rfile.read(int(min(self._remaining, _READ_CHUNK, budget)))
-                if not data:
-                    raise ConnectionError("client closed the connection mid-body")
-                self._remaining -= len(data)
-                self._body_read += len(data)
-                budget -= len(data)
-                if self._remaining == 0:
-                    self.rfile.readline(3)
-                yield data
-            return
         while self._remaining > 0 and budget > 0:
             data = self.rfile.read(int(min(self._remaining, _READ_CHUNK, budget)))
             if not data:
@@ -721,7 +711,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._body_read += len(data)
             budget -= len(data)
             yield data
-        self._body_done = self._remaining == 0
 
     def _drain(self) -> None:
         for _ in self._iter_body(None):

@@ -1,0 +1,280 @@
+"""Parity: run the exact package bytes and compare them with the fp32 PyTorch reference.
+
+Core ML's runtime exists only on macOS, so the gate's backend everywhere is the torch ML Program
+executor (`publisher.executor`), in two modes: values held in fp32, and each op rounded to the
+dtype the program declares. Where coremltools can load models (macOS), Core ML itself is an extra
+backend. PSNR is Apple's: ``20 * log10((max|ref| + 1e-5) / (rmse + 1e-10))``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from publisher import executor
+from publisher.convert import component_io, image_size, reference_module
+from publisher.errors import ParityError
+from publisher.recipe import Recipe
+from publisher.report import ImageParity, ParityResult
+from publisher.source import LoadedSource
+
+EXECUTOR_MODES: tuple[executor.Mode, ...] = ("fp32", "fp16")
+COREML_RUNTIME = "coreml-runtime"
+GUIDANCE_SCALE = 7.5
+UNET_TIMESTEP_SAMPLES = 3  # early, middle and late in the schedule: errors differ across noise levels
+
+Inputs = dict[str, np.ndarray]
+
+
+def psnr(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Apple's PSNR, so our thresholds mean what theirs mean (35 dB is their hard minimum)."""
+    reference = np.asarray(reference, dtype=np.float64)
+    candidate = np.asarray(candidate, dtype=np.float64)
+    rmse = np.sqrt(np.mean((reference - candidate) ** 2))
+    return float(20 * np.log10((np.abs(reference).max() + 1e-5) / (rmse + 1e-10)))
+
+
+def coreml_runtime_available() -> bool:
+    """coremltools ships its runtime bindings only in macOS wheels."""
+    return importlib.util.find_spec("coremltools.libcoremlpython") is not None
+
+
+def backends() -> tuple[str, ...]:
+    names = tuple(f"executor-{mode}" for mode in EXECUTOR_MODES)
+    return names + ((COREML_RUNTIME,) if coreml_runtime_available() else ())
+
+
+def _coreml_predict(package: Path) -> Callable[[Inputs], dict[str, np.ndarray]]:
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY)
+    return model.predict
+
+
+def _runner(package: Path, backend: str, component: str) -> Callable[[Inputs], dict[str, np.ndarray]]:
+    if backend == COREML_RUNTIME:
+        return _coreml_predict(package)
+    program = executor.load_program(package)
+    mode: executor.Mode = backend.removeprefix("executor-")  # type: ignore[assignment]
+    return lambda inputs: executor.run(program, inputs, mode=mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic, realistic inputs
+
+
+def tokenize(source: LoadedSource, prompts: list[str]) -> list[np.ndarray]:
+    tokenizer = source.pipe.tokenizer
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="np").input_ids
+    return [row[None].astype(np.float32) for row in ids]
+
+
+def _reference(module: torch.nn.Module, inputs: Inputs, output_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        outputs = module(*(torch.from_numpy(np.asarray(value, dtype=np.float32)) for value in inputs.values()))
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return {name: output.numpy() for name, output in zip(output_names, outputs, strict=True)}
+
+
+def _text_conditioning(source: LoadedSource, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Reference text encoders' outputs for ``prompts``, in the UNet's layout.
+
+    Returns (N, C, 1, S) hidden states (SDXL: both encoders' concatenated, as its UNet expects) and
+    the last encoder's pooled output (SDXL's ``text_embeds``).
+    """
+    encoders = [name for name in ("text_encoder", "text_encoder_2") if getattr(source.pipe, name, None) is not None]
+    hidden, pooled = [], None
+    for name in encoders:
+        module = reference_module(source, name)
+        outputs = [_reference(module, {"input_ids": ids}, ("hidden", "pooled")) for ids in tokenize(source, prompts)]
+        hidden.append(np.concatenate([output["hidden"] for output in outputs]))
+        pooled = np.concatenate([output["pooled"] for output in outputs])
+    embeddings = np.concatenate(hidden, axis=-1).transpose(0, 2, 1)[:, :, None, :]
+    return embeddings, pooled
+
+
+def component_inputs(recipe: Recipe, source: LoadedSource, component: str) -> list[Inputs]:
+    """The inputs a component is checked on: prompts, latents and timesteps a real run would see."""
+    io = component_io(recipe, source, component)
+    generator = np.random.default_rng(recipe.parity.seed)
+    shapes = {spec.name: spec.shape for spec in io.inputs}
+    prompts = list(recipe.card.prompts)
+    if component in ("text_encoder", "text_encoder_2"):
+        return [{"input_ids": ids} for ids in tokenize(source, prompts)]
+    if component == "unet":
+        batch = shapes["sample"][0]
+        # Unconditional first, as classifier-free guidance batches them.
+        embeddings, pooled = _text_conditioning(source, [""] + prompts[: max(batch - 1, 1)])
+        embeddings = np.resize(embeddings, shapes["encoder_hidden_states"]).astype(np.float32)
+        scheduler = copy.deepcopy(source.pipe.scheduler)
+        scheduler.set_timesteps(max(recipe.parity.image_steps, UNET_TIMESTEP_SAMPLES))
+        timesteps = scheduler.timesteps.numpy()
+        picks = timesteps[np.linspace(0, len(timesteps) - 1, UNET_TIMESTEP_SAMPLES).round().astype(int)]
+        cases = []
+        for timestep in picks:
+            case = {
+                "sample": generator.standard_normal(shapes["sample"]).astype(np.float32),
+                "timestep": np.full(shapes["timestep"], float(timestep), dtype=np.float32),
+                "encoder_hidden_states": embeddings,
+            }
+            if "time_ids" in shapes:
+                size = image_size(recipe, source)
+                case["time_ids"] = np.tile(np.array([size, size, 0, 0, size, size], np.float32),
+                                           (batch, 1))
+                case["text_embeds"] = np.resize(pooled, shapes["text_embeds"]).astype(np.float32)
+            cases.append(case)
+        return cases
+    if component == "vae_decoder":
+        scaling = source.pipe.vae.config.scaling_factor
+        return [{"z": (generator.standard_normal(shapes["z"]) / scaling).astype(np.float32)}]
+    if component == "vae_encoder":
+        _, _, height, width = shapes["x"]
+        y, x = np.mgrid[0:height, 0:width] / max(height, width)
+        # A smooth, structured image (not noise): what the encoder is made for.
+        image = np.stack([np.sin(6 * x), np.cos(5 * y), np.sin(4 * (x + y))])[None]
+        return [{"x": image.astype(np.float32)}]
+    raise ValueError(f"unknown component {component!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate
+
+
+@dataclass(frozen=True)
+class ComponentParity:
+    component: str
+    psnr_db: dict[str, float]  # backend -> worst PSNR over outputs and cases
+
+
+def measure_component(recipe: Recipe, source: LoadedSource, component: str, package: Path,
+                      on: tuple[str, ...] | None = None) -> ComponentParity:
+    """PSNR of ``package`` against the fp32 reference, per backend (worst output, worst case).
+
+    ``on`` limits the backends (default: every available one).
+    """
+    io = component_io(recipe, source, component)
+    module = reference_module(source, component)
+    cases = component_inputs(recipe, source, component)
+    references = [_reference(module, case, io.outputs) for case in cases]
+    results = {}
+    for backend in on or backends():
+        run = _runner(package, backend, component)
+        results[backend] = min(
+            psnr(reference[name], run(case)[name])
+            for case, reference in zip(cases, references, strict=True)
+            for name in io.outputs
+        )
+    return ComponentParity(component, results)
+
+
+def gate(recipe: Recipe, variant: str, measured: ComponentParity) -> list[ParityResult]:
+    """Record every backend's PSNR; raise :class:`ParityError` if any is under the threshold."""
+    threshold = recipe.parity.threshold(measured.component)
+    results = [
+        ParityResult(component=measured.component, variant=variant, backend=backend, psnr_db=round(value, 2),
+                     threshold_db=threshold, passed=value >= threshold)
+        for backend, value in measured.psnr_db.items()
+    ]
+    failed = [result for result in results if not result.passed]
+    if failed:
+        worst = min(failed, key=lambda result: result.psnr_db)
+        raise ParityError(
+            f"parity failed: {measured.component} ({variant}) reaches {worst.psnr_db:.1f} dB on {worst.backend},"
+            f" below the {threshold:g} dB threshold; use a milder compression scheme or lower"
+            f" parity.per_component.{measured.component} in the recipe"
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# End-to-end images
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """(1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8, as diffusers' postprocessing does."""
+    return (np.clip(image[0].transpose(1, 2, 0) / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
+
+
+def denoise(recipe: Recipe, source: LoadedSource, prompt: str,
+            run: Callable[[str, Inputs], dict[str, np.ndarray]]) -> np.ndarray:
+    """A short text-to-image loop with classifier-free guidance over ``run(component, inputs)``.
+
+    The same loop serves the torch reference and the packages, so the two images differ only by
+    what the components compute.
+    """
+    pipe = source.pipe
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(recipe.parity.image_steps)
+    ids = tokenize(source, ["", prompt])
+    embeddings = np.concatenate([run("text_encoder", {"input_ids": row})["last_hidden_state"] for row in ids])
+    embeddings = embeddings.transpose(0, 2, 1)[:, :, None, :].astype(np.float32)
+    latent = image_size(recipe, source) // source.vae_scale_factor
+    generator = torch.Generator().manual_seed(recipe.parity.seed)
+    latents = torch.randn((1, pipe.unet.config.in_channels, latent, latent), generator=generator)
+    latents = latents * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
+        noise = run("unet", {
+            "sample": model_input.numpy(),
+            "timestep": np.full((2,), float(timestep), dtype=np.float32),
+            "encoder_hidden_states": embeddings,
+        })["noise_pred"]
+        uncond, text = torch.from_numpy(noise.astype(np.float32)).chunk(2)
+        guided = uncond + GUIDANCE_SCALE * (text - uncond)
+        latents = scheduler.step(guided, timestep, latents).prev_sample
+    z = (latents / pipe.vae.config.scaling_factor).numpy()
+    return _to_uint8(run("vae_decoder", {"z": z})["image"].astype(np.float32))
+
+
+def reference_runner(recipe: Recipe, source: LoadedSource) -> Callable[[str, Inputs], dict[str, np.ndarray]]:
+    modules = {component: reference_module(source, component) for component in ("text_encoder", "unet", "vae_decoder")}
+
+    def run(component: str, inputs: Inputs) -> dict[str, np.ndarray]:
+        return _reference(modules[component], inputs, component_io(recipe, source, component).outputs)
+
+    return run
+
+
+def package_runner(packages: dict[str, Path], mode: executor.Mode = "fp16"):
+    programs = {component: executor.load_program(path) for component, path in packages.items()}
+
+    def run(component: str, inputs: Inputs) -> dict[str, np.ndarray]:
+        return executor.run(programs[component], inputs, mode=mode)
+
+    return run
+
+
+def image_parity(recipe: Recipe, source: LoadedSource, variant: str, packages: dict[str, Path],
+                 root: Path, reference_images: dict[str, np.ndarray]) -> list[ImageParity]:
+    """Denoise each recipe prompt with the reference and with ``packages``; save both as PNGs
+    under ``root/images/``. ``reference_images`` caches the reference per prompt across variants.
+    """
+    from PIL import Image
+
+    needed = ("text_encoder", "unet", "vae_decoder")
+    if recipe.parity.image_steps == 0 or source.family == "sdxl" or not all(c in packages for c in needed):
+        return []
+    run_package = package_runner({component: packages[component] for component in needed})
+    results = []
+    for index, prompt in enumerate(recipe.card.prompts):
+        if prompt not in reference_images:
+            reference_images[prompt] = denoise(recipe, source, prompt, reference_runner(recipe, source))
+        reference = reference_images[prompt]
+        candidate = denoise(recipe, source, prompt, run_package)
+        reference_path, variant_path = f"images/reference/{index}.png", f"images/{variant}/{index}.png"
+        for relative, pixels in ((reference_path, reference), (variant_path, candidate)):
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / relative, optimize=False)
+        results.append(ImageParity(
+            prompt=prompt, variant=variant, steps=recipe.parity.image_steps, seed=recipe.parity.seed,
+            psnr_db=round(psnr(reference.astype(np.float32), candidate.astype(np.float32)), 2),
+            reference_image=reference_path, variant_image=variant_path,
+        ))
+    return results

@@ -1,0 +1,277 @@
+"""Families beyond SD 1.x on tiny random-weight models: SDXL (two text encoders, added
+conditioning, the refiner), ControlNet with Apple's control-unet, the recipe fields they need, and
+converting one component per process."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import coremltools as ct
+import pytest
+import torch
+
+from publisher import executor
+from publisher.convert import (
+    component_io,
+    convert_component,
+    convert_in_subprocess,
+    example_inputs,
+    reference_module,
+    residual_names,
+)
+from publisher.errors import RecipeError
+from publisher.parity import psnr
+from publisher.recipe import Recipe, load_recipe
+from publisher.source import LoadedSource, load_source
+from publisher.synthetic import build_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+TINY_SD = ROOT / "recipes" / "examples" / "tiny-sd"
+FLOAT16 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16
+FLOAT32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_recipe(folder: Path, source: str, conversion: str, name: str = "recipe.yaml") -> Path:
+    """A recipe over ``source`` (the YAML of the source mapping's body) with ``conversion``'s body."""
+    path = folder / name
+    text = f"name: family-test\nsource:\n{textwrap.indent(source.strip(), '  ')}\ntarget:\n  repo: me/family-test\n"
+    path.write_text(text + f"conversion:\n{textwrap.indent(conversion.strip(), '  ')}\n")
+    return path
+
+
+def io_of(package: Path) -> tuple[dict[str, tuple[tuple[int, ...], int]], dict[str, tuple[int, ...]]]:
+    """The package's declared inputs (shape, dtype) and outputs (shape)."""
+    description = ct.models.MLModel(str(package), skip_model_load=True).get_spec().description
+    inputs = {i.name: (tuple(i.type.multiArrayType.shape), i.type.multiArrayType.dataType) for i in description.input}
+    return inputs, {o.name: tuple(o.type.multiArrayType.shape) for o in description.output}
+
+
+def parity_db(recipe: Recipe, source: LoadedSource, component: str, package: Path) -> float:
+    """Worst PSNR over outputs of ``package`` (executor, fp32 hold) against the torch reference."""
+    io = component_io(recipe, source, component)
+    case = example_inputs(io, source.tokenizer.vocab_size, seed=1)
+    with torch.no_grad():
+        reference = reference_module(source, component)(*case)
+    reference = reference if isinstance(reference, tuple) else (reference,)
+    outputs = executor.run(package, {spec.name: x.numpy() for spec, x in zip(io.inputs, case, strict=True)})
+    return min(psnr(r.numpy(), outputs[name]) for name, r in zip(io.outputs, reference, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    return build_pipeline(CONFIGS / "tiny-sdxl", tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl, tmp_path_factory) -> tuple[Recipe, LoadedSource]:
+    """float16 packages with a float32 VAE, as the SDXL recipes ship them."""
+    path = write_recipe(
+        tmp_path_factory.mktemp("sdxl-recipe"),
+        f"path: {tiny_sdxl}",
+        "components: [text_encoder, text_encoder_2, unet, vae_decoder]\nvae_precision: float32",
+    )
+    recipe = load_recipe(path)
+    return recipe, load_source(recipe)
+
+
+def test_sdxl_text_encoders_condition_the_unet_as_diffusers_does(sdxl):
+    """Concatenated ``hidden_embeds`` and the second encoder's ``pooled_outputs`` are exactly what
+    diffusers' own SDXL pipeline feeds its UNet."""
+    recipe, source = sdxl
+    ids = source.tokenizer(["a lighthouse at dawn"], padding="max_length", max_length=77, return_tensors="pt")
+    float_ids = ids.input_ids.to(torch.float32)
+    with torch.no_grad():
+        hidden_1, _ = reference_module(source, "text_encoder")(float_ids)
+        hidden_2, pooled_2 = reference_module(source, "text_encoder_2")(float_ids)
+        prompt_embeds, _, pooled, _ = source.pipe.encode_prompt(
+            "a lighthouse at dawn", do_classifier_free_guidance=False
+        )
+    torch.testing.assert_close(torch.cat([hidden_1, hidden_2], dim=-1), prompt_embeds)
+    torch.testing.assert_close(pooled_2, pooled)
+    assert pooled_2.shape == (1, source.pipe.text_encoder_2.config.projection_dim) != hidden_2[:, 0].shape
+
+
+SDXL_CONTRACT = {
+    "text_encoder": (
+        {"input_ids": ((1, 77), FLOAT32)},
+        {"hidden_embeds": (1, 77, 32), "pooled_outputs": (1, 32)},
+    ),
+    # pooled_outputs is the projected pooled output (projection_dim 24), SDXL's text_embeds.
+    "text_encoder_2": (
+        {"input_ids": ((1, 77), FLOAT32)},
+        {"hidden_embeds": (1, 77, 32), "pooled_outputs": (1, 24)},
+    ),
+    # Both encoders' hidden states (32 + 32) and 6 time ids x 8 + 24 pooled = the UNet's 72-wide projection.
+    "unet": (
+        {
+            "sample": ((2, 4, 32, 32), FLOAT16),
+            "timestep": ((2,), FLOAT16),
+            "encoder_hidden_states": ((2, 64, 1, 77), FLOAT16),
+            "time_ids": ((2, 6), FLOAT16),
+            "text_embeds": ((2, 24), FLOAT16),
+        },
+        {"noise_pred": (2, 4, 32, 32)},
+    ),
+    "vae_decoder": ({"z": ((1, 4, 32, 32), FLOAT32)}, {"image": (1, 3, 64, 64)}),
+}
+
+
+@pytest.mark.parametrize("component", list(SDXL_CONTRACT))
+def test_sdxl_package_has_apples_contract_and_computes_the_reference(sdxl, tmp_path, component):
+    recipe, source = sdxl
+    package = convert_component(recipe, source, component, tmp_path / f"{component}.mlpackage").package
+    inputs, outputs = SDXL_CONTRACT[component]
+    assert io_of(package) == (inputs, outputs)
+    # float16 weights cost ~70-80 dB on these tiny models; the float32 VAE matches to ~130 dB.
+    assert parity_db(recipe, source, component, package) >= (60 if component == "vae_decoder" else 45)
+
+
+def test_refiner_unet_takes_five_time_ids_and_the_bigG_pooled_output(tmp_path):
+    refiner = build_pipeline(CONFIGS / "tiny-sdxl-refiner", tmp_path / "tiny-sdxl-refiner")
+    recipe = load_recipe(write_recipe(tmp_path, f"path: {refiner}", "components: [text_encoder_2, unet]"))
+    source = load_source(recipe)
+    assert source.family == "sdxl" and source.pipe.text_encoder is None
+    shapes = {spec.name: spec.shape for spec in component_io(recipe, source, "unet").inputs}
+    assert shapes["time_ids"] == (2, 5) and shapes["text_embeds"] == (2, 24)
+    assert shapes["encoder_hidden_states"] == (2, 32, 1, 77)
+    # The refiner's UNet refuses any other split of its 64-wide added-condition projection.
+    io = component_io(recipe, source, "unet")
+    with torch.no_grad():
+        noise = reference_module(source, "unet")(*example_inputs(io, source.tokenizer.vocab_size))
+    assert noise.shape == (2, 4, 32, 32)
+    assert [file.name for file in source.tokenizer_files()] == ["vocab.json", "merges.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# ControlNet
+
+
+@pytest.fixture(scope="module")
+def tiny_controlnet(tmp_path_factory) -> Path:
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("controlnet") / "tiny-controlnet"
+    ControlNetModel.from_config(ControlNetModel.load_config(CONFIGS / "tiny-controlnet")).save_pretrained(folder)
+    return folder
+
+
+def test_controlnet_residuals_drive_the_control_unet_as_in_diffusers(tiny_controlnet, tmp_path):
+    recipe = load_recipe(write_recipe(
+        tmp_path,
+        f"path: {TINY_SD}\ncontrolnet:\n  path: {tiny_controlnet}",
+        "components: [controlnet, control_unet]\nprecision: float32",
+    ))
+    source = load_source(recipe)
+    controlnet = convert_component(recipe, source, "controlnet", tmp_path / "controlnet.mlpackage").package
+    control_unet = convert_component(recipe, source, "control_unet", tmp_path / "control_unet.mlpackage").package
+    controlnet_in, residuals = io_of(controlnet)
+    unet_in, unet_out = io_of(control_unet)
+    # conv_in, one resnet per block, one downsampler between the two blocks, then the mid block.
+    assert list(residuals) == list(residual_names(5))
+    assert {name: unet_in[name][0] for name in residuals} == residuals
+    assert controlnet_in["controlnet_cond"][0] == (2, 3, 64, 64) and unet_out == {"noise_pred": (2, 4, 32, 32)}
+
+    io = component_io(recipe, source, "controlnet")
+    case = dict(zip((spec.name for spec in io.inputs), example_inputs(io, 1, seed=2), strict=True))
+    case["controlnet_cond"] = case["controlnet_cond"].sigmoid()  # an image in [0, 1]
+    hidden = case["encoder_hidden_states"].squeeze(2).transpose(1, 2)
+    with torch.no_grad():
+        down, mid = source.controlnet(case["sample"], case["timestep"], hidden, case["controlnet_cond"],
+                                      return_dict=False)
+        expected = source.pipe.unet(case["sample"], case["timestep"], hidden, down_block_additional_residuals=down,
+                                    mid_block_additional_residual=mid, return_dict=False)[0]
+    arrays = {name: value.numpy() for name, value in case.items()}
+    got_residuals = executor.run(controlnet, arrays)
+    assert len(got_residuals) == len(down) + 1
+    denoiser = {name: arrays[name] for name in ("sample", "timestep", "encoder_hidden_states")}
+    noise = executor.run(control_unet, {**denoiser, **got_residuals})["noise_pred"]
+    assert psnr(expected.numpy(), noise) >= 60
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe fields
+
+
+def test_vae_precision_applies_to_the_vae_only(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, f"path: {TINY_SD}", "components: [unet, vae_decoder]\n"
+                                                                     "vae_precision: float32"))
+    assert recipe.conversion.precision_for("unet") == "float16"
+    assert recipe.conversion.precision_for("vae_decoder") == "float32"
+    assert load_recipe(write_recipe(tmp_path, f"path: {TINY_SD}", "components: [unet]")).conversion.precision_for(
+        "vae_decoder") == "float16"
+
+
+def test_source_vae_and_controlnet_paths_resolve_against_the_recipe(tmp_path, tiny_controlnet):
+    (tmp_path / "models").symlink_to(tiny_controlnet.parent)
+    recipe = load_recipe(write_recipe(
+        tmp_path,
+        f"path: {TINY_SD}\nvae:\n  repo: madebyollin/sdxl-vae-fp16-fix\n  revision: {SHA}\n"
+        "controlnet:\n  path: models/tiny-controlnet",
+        "components: [vae_decoder, controlnet]",
+    ))
+    assert recipe.source.controlnet.path == (tmp_path / "models" / "tiny-controlnet").resolve()
+    assert recipe.source.vae.model_id == "madebyollin/sdxl-vae-fp16-fix"
+
+
+# (source body, conversion body, expected line, expected message)
+BAD_FAMILY_RECIPES = {
+    "controlnet-without-source": (f"path: {TINY_SD}", "components: [controlnet]", 7,
+                                  "conversion.components: controlnet needs source.controlnet"),
+    "controlnet-source-unused": (f"path: {TINY_SD}\ncontrolnet:\n  path: {TINY_SD}/unet", "components: [unet]", 4,
+                                 "source.controlnet: is given but conversion.components does not list controlnet"),
+    "controlnet-unpinned": (f"path: {TINY_SD}\ncontrolnet:\n  repo: lllyasviel/canny\n  revision: main",
+                            "components: [controlnet]", 6,
+                            "source.controlnet.revision: 'main' is not a 40-character commit sha"),
+    "controlnet-not-a-model": (f"path: {TINY_SD}\ncontrolnet:\n  path: {TINY_SD}", "components: [controlnet]", 5,
+                               "source.controlnet.path: "),
+    "vae-repo-and-path": (f"path: {TINY_SD}\nvae:\n  repo: a/b\n  path: {TINY_SD}/vae",
+                          "components: [vae_decoder]", 4, "source.vae: give exactly one of 'repo'"),
+    "vae-source-unused": (f"path: {TINY_SD}\nvae:\n  path: {TINY_SD}/vae", "components: [unet]", 4,
+                          "source.vae: is given but no VAE component is listed"),
+    "vae-precision-unused": (f"path: {TINY_SD}", "components: [unet]\nvae_precision: float32", 8,
+                             "conversion.vae_precision: no VAE component is listed"),
+    "vae-precision-int8": (f"path: {TINY_SD}", "components: [vae_decoder]\nvae_precision: int8", 8,
+                           "conversion.vae_precision: 'int8' is not one of float16,float32"),
+}
+
+
+@pytest.mark.parametrize(("source", "conversion", "line", "message"), list(BAD_FAMILY_RECIPES.values()),
+                         ids=list(BAD_FAMILY_RECIPES))
+def test_bad_family_recipe_gets_one_line(tmp_path, source, conversion, line, message):
+    path = write_recipe(tmp_path, source, conversion)
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(path)
+    assert str(raised.value).startswith(f"{path}:{line}: {message}"), str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# One component per process
+
+
+def test_load_source_loads_only_the_models_asked_for(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, f"path: {TINY_SD}", "components: [text_encoder]"))
+    source = load_source(recipe, models=("text_encoder",))
+    assert not any(parameter.is_meta for parameter in source.pipe.text_encoder.parameters())
+    assert all(parameter.is_meta for parameter in source.pipe.unet.parameters())
+    assert all(parameter.is_meta for parameter in source.pipe.vae.parameters())
+    full = load_source(recipe)
+    for component in ("unet", "vae_decoder"):  # shapes still come from the configs
+        assert component_io(recipe, source, component) == component_io(recipe, full, component)
+
+
+def test_convert_in_subprocess_reports_the_child_peak(tmp_path):
+    recipe_file = write_recipe(tmp_path, f"path: {TINY_SD}", "components: [text_encoder]")
+    converted = convert_in_subprocess(recipe_file, "text_encoder", "original", tmp_path / "te.mlpackage")
+    assert converted.package.is_dir() and converted.parameters > 0
+    # The child imported torch and coremltools (>100 MB) but never held the UNet or the VAE.
+    assert 100 * 2**20 < converted.peak_rss < 8 * 2**30
+    assert io_of(converted.package)[1] == {"last_hidden_state": (1, 77, 32), "pooled_outputs": (1, 32)}
