@@ -70,7 +70,6 @@ def assemble(
     recipe_text: str,
     images: Path | None,
     report: PublishReport,
-    card: str,
 ) -> Path:
     """Write the repository into ``staging`` (which must not exist yet).
 
@@ -88,7 +87,6 @@ def assemble(
         shutil.copytree(images, staging / "images")
     (staging / RECIPE_NAME).write_text(recipe_text, encoding="utf-8")
     report.write(staging)
-    (staging / CARD_NAME).write_text(card, encoding="utf-8")
     return staging
 
 

@@ -10,10 +10,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 from publisher import __version__
 from publisher.cache import STAGES
-from publisher.errors import PublisherError
+from publisher.device import ComputeUnit
+from publisher.errors import PublisherError, RecipeError
 
 
 def one_line(error: Exception) -> str:
@@ -102,6 +104,38 @@ def _synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _changed_recipes(args: argparse.Namespace) -> int:
+    from publisher.workflows import changed_recipes, format_matrix, recipe_matrix
+
+    if args.recipe:
+        recipes = args.recipe
+    elif args.base and args.head:
+        recipes = changed_recipes(args.base, args.head)
+    else:
+        raise RecipeError("changed-recipes: give the BASE and HEAD commits, or --recipe RECIPE")
+    print(format_matrix(recipe_matrix(recipes)))
+    return 0
+
+
+def _bench_device(args: argparse.Namespace) -> int:
+    from publisher.recipe import load_recipe
+    from publisher.workflows import BenchSettings, coreml_tools, run_bench_device
+
+    recipe = load_recipe(args.recipe)
+    settings = BenchSettings(steps=args.steps, runs=args.runs, compute_units=tuple(args.compute_units or ()))
+    push = _push_options(args) if (args.push or args.dry_run) else None
+    out = Path(args.out) if args.out else None
+    run_bench_device(args.target, recipe, coreml_tools(recipe), settings, out=out, push=push, quiet=args.quiet)
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
 def _quiet_libraries() -> None:
     """coremltools, torch and transformers narrate every conversion; keep CI logs to our lines."""
     import logging
@@ -173,6 +207,31 @@ def build_parser() -> argparse.ArgumentParser:
     synthesize.add_argument("out", metavar="OUT_DIR")
     synthesize.add_argument("--seed", type=int, default=0)
     synthesize.set_defaults(run=_synthesize)
+
+    changed = commands.add_parser(
+        "changed-recipes", parents=[common], help="print the GitHub Actions matrix of recipes to publish"
+    )
+    changed.add_argument("base", nargs="?", metavar="BASE", help="commit before the change (all zeros: every recipe)")
+    changed.add_argument("head", nargs="?", metavar="HEAD", help="commit after the change, checked out here")
+    changed.add_argument("--recipe", action="append", metavar="RECIPE",
+                         help="list RECIPE instead of comparing commits (repeatable)")
+    changed.set_defaults(run=_changed_recipes)
+
+    bench = commands.add_parser(
+        "bench-device", parents=[common],
+        help="on macOS: Core ML runtime parity, latency and compiled zips for a published repository",
+    )
+    bench.add_argument("target", metavar="DIR_OR_REPO", help="an assembled folder, or a Hub repo id to download")
+    bench.add_argument("--recipe", required=True, metavar="RECIPE",
+                       help="the recipe it was published from (parity reference, card template)")
+    bench.add_argument("--out", metavar="DIR", help="where a downloaded repo goes (default: bench/<repo name>)")
+    bench.add_argument("--steps", type=_positive, default=20, help="diffusion steps per generation (default 20)")
+    bench.add_argument("--runs", type=_positive, default=5, help="timed generations; the median is kept (default 5)")
+    bench.add_argument("--compute-unit", dest="compute_units", action="append", choices=get_args(ComputeUnit),
+                       metavar="UNIT", help="time on UNIT (repeatable; default: the one each variant was made for)")
+    bench.add_argument("--push", action="store_true", help="then commit the results to the repository")
+    _add_push_flags(bench)
+    bench.set_defaults(run=_bench_device)
     return parser
 
 

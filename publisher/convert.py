@@ -414,6 +414,19 @@ def _convert_alone(recipe_file: Path, component: str, attention: Attention, pack
     needed = (PIPELINE_MODEL[component],) if component in PIPELINE_MODEL else ()
     source = load_source(recipe, models=needed)
     converted = convert_component(recipe, source, component, package, attention)
+    return replace(converted, peak_rss=_peak_rss())
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes.
+
+    Linux's ``ru_maxrss`` survives fork and exec, so a spawned child would report its parent's size
+    at the fork; the address space's own high-water mark (``VmHWM``) starts afresh at exec.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     # ru_maxrss is in kilobytes on Linux, bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return replace(converted, peak_rss=peak)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

@@ -61,24 +61,23 @@ _KMEANS1D.cluster_with_weights.argtypes = [
     np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS"),
 ]
 
-# Search schedule (see _optimal_partition): grids of _COARSE_CELLS * k cells, refined
-# _REFINE-fold per level; local windows of +-_HALF_WINDOW grid positions, migration windows of
-# +-_MIGRATION_HALF_WINDOW positions around a boundary and its neighbours plus _INSIDE fractions of
-# the two clusters it separates.
-_COARSE_CELLS = 4
-_INIT = 'exact'
-_SETTLE_COARSE = True
-_SETTLE_ALL = False
-_MIGRATE_ALL = True
+# Problems with at most this many points x clusters are solved exactly by kmeans1d (about 340 ns
+# per point-cluster on one core); larger ones by the windowed search below.
+_EXACT_LIMIT = 1 << 17
+# Windowed search schedule (see _optimal_partition): grids of k cells refined _REFINE-fold per
+# level; local windows of +-_HALF_WINDOW grid positions; migration windows of
+# +-_MIGRATION_HALF_WINDOW positions around a boundary and around each neighbour, plus the best
+# split points of the two clusters it separates.
 _REFINE = 4
+_SMOOTH = 0
+_INIT = 'lambda'
+_COARSE_CELLS = 8
+_MAX_MICRO = 1 << 20
 _HALF_WINDOW = 8
 _MIGRATION_HALF_WINDOW = 4
-_INSIDE = np.arange(1, 4) / 4
+# A pass that gains less than this fraction of the cost ends the search on a grid.
+_TOLERANCE = 1e-5
 _MAX_PASSES = 64
-# A settling pass that gains less than this fraction of the cost ends the search.
-_TOLERANCE = 1e-6
-# Cost matrices are built for this many (window x window) entries at a time.
-_CHUNK_ELEMENTS = 1 << 18
 
 
 def kmeans_1d(values: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
@@ -104,7 +103,11 @@ def kmeans_1d(values: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
         raise ValueError(f"k must be >= 1, got {k}")
     if x.size <= k:
         return x.copy()
-    starts = _optimal_partition(x, w, k)
+    if x.size * k <= _EXACT_LIMIT:
+        labels = _exact_kmeans(x, w, k)
+        starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    else:
+        starts = _optimal_partition(x, w, k)
     return np.add.reduceat(w * x, starts) / np.add.reduceat(w, starts)
 
 
@@ -200,9 +203,7 @@ def palettize_config(
     )
 
 
-def _cluster_distinct(
-    values: np.ndarray, counts: np.ndarray, k: int, dtype: np.dtype
-) -> tuple[np.ndarray, np.ndarray]:
+def _cluster_distinct(values: np.ndarray, counts: np.ndarray, k: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """LUT (``k`` entries in ``dtype``) and the LUT index of each sorted distinct value."""
     if values.size <= k:
         lut = np.concatenate([values, np.full(k - values.size, values[-1])]).astype(dtype)
@@ -232,20 +233,21 @@ def _optimal_partition(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
     np.cumsum(w * z, out=prefix[1, 1:])
     np.cumsum(w * z * z, out=prefix[2, 1:])
 
-    # Companded coordinate: cumulative p^(1/3) with p estimated as weight over the spacing of
-    # neighbouring points; optimal high-resolution clusters are equally wide in it.
-    spacing = np.empty(n)
-    spacing[1:-1] = (x[2:] - x[:-2]) / 2
-    spacing[0] = x[1] - x[0]
-    spacing[-1] = x[-1] - x[-2]
+    # Companded coordinate: cumulative p^(1/3), p estimated over runs of 2 * _SMOOTH + 1 points
+    # (weight over span); optimal high-resolution clusters are about equally wide in it.
+    span = x[np.minimum(np.arange(n) + _SMOOTH, n - 1)] - x[np.maximum(np.arange(n) - _SMOOTH, 0)]
+    run = np.concatenate([[0.0], np.cumsum(w)])
+    mass = run[np.minimum(np.arange(n) + _SMOOTH + 1, n)] - run[np.maximum(np.arange(n) - _SMOOTH, 0)]
+    gap = np.empty(n)
+    gap[1:-1] = (x[2:] - x[:-2]) / 2
+    gap[0] = x[1] - x[0]
+    gap[-1] = x[-1] - x[-2]
     density = np.zeros(n + 1)
-    np.cumsum(np.cbrt(w * spacing * spacing), out=density[1:])
+    np.cumsum(np.cbrt(mass / span) * gap, out=density[1:])
     density /= density[-1]
 
-    coord = (density + np.arange(n + 1) / n) / 2
-    cells = _COARSE_CELLS * k
     if _INIT == "exact":
-        edges = _grid(density, cells)
+        edges = _grid(density, min(_COARSE_CELLS * k, _MAX_MICRO))
         if edges.size - 1 <= k:
             edges = np.arange(n + 1)
         mass = np.add.reduceat(w, edges[:-1])
@@ -254,19 +256,22 @@ def _optimal_partition(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
     else:
         inner = np.arange(1, k)
         bounds = np.searchsorted(density, inner / k)
+        # Make the initial boundaries strictly increasing inside [1, n - 1] (no empty cluster).
         bounds = np.clip(np.maximum.accumulate(bounds - inner), 0, n - k) + inner
-    edges = _grid(coord, cells)
     cost = _partition_cost(bounds, prefix)
-    if _SETTLE_COARSE:
-        bounds, cost = _settle(edges, bounds, cost, prefix)
-    while edges.size < n + 1:
-        cells *= _REFINE
+
+    # The grids mix in the point rank so that enough cells separate every point however the
+    # density concentrates. Migration passes run on the coarsest grid, where they decide how many
+    # clusters each region gets, and on the point grid.
+    coord = (density + np.arange(n + 1) / n) / 2
+    cells = k
+    while True:
         edges = _grid(coord, cells)
-        if _SETTLE_ALL:
-            bounds, cost = _settle(edges, bounds, cost, prefix, migrate=_MIGRATE_ALL)
-        else:
-            bounds, cost = _window_pass(_local(edges, bounds, n), prefix)
-    return np.concatenate([[0], _settle(edges, bounds, cost, prefix)[0]])
+        final = edges.size == n + 1
+        bounds, cost = _settle(edges, bounds, cost, prefix, migrate=final or cells == k)
+        if final:
+            return np.concatenate([[0], bounds])
+        cells *= _REFINE
 
 
 def _partition_cost(bounds: np.ndarray, prefix: np.ndarray) -> float:
@@ -282,8 +287,14 @@ def _grid(coord: np.ndarray, cells: int) -> np.ndarray:
     return edges[np.r_[True, edges[1:] != edges[:-1]]]
 
 
-def _settle(edges: np.ndarray, bounds: np.ndarray, cost: float, prefix: np.ndarray, migrate: bool = True) -> tuple[np.ndarray, float]:
-    """Improve ``bounds`` on ``edges`` until neither a local nor a migration pass gains _TOLERANCE."""
+def _settle(
+    edges: np.ndarray, bounds: np.ndarray, cost: float, prefix: np.ndarray, migrate: bool
+) -> tuple[np.ndarray, float]:
+    """Improve ``bounds`` (of partition cost ``cost``) on the grid ``edges``.
+
+    Local passes run until one gains less than _TOLERANCE; then, with ``migrate``, a migration
+    pass, and local passes again if it gained.
+    """
     n = prefix.shape[1] - 1
     for _ in range(_MAX_PASSES):
         bounds, new_cost = _window_pass(_local(edges, bounds, n), prefix)
@@ -346,31 +357,28 @@ def _best_splits(full: np.ndarray, prefix: np.ndarray) -> np.ndarray:
 def _window_pass(cand: np.ndarray, prefix: np.ndarray) -> tuple[np.ndarray, float]:
     """Best joint choice of inner boundary ``j`` among the positions ``cand[j]``, and its cost.
 
-    A min-plus DP over the windows, exact for the windows given.
+    A min-plus DP along the boundaries, exact for the windows given.
     """
     n = prefix.shape[1] - 1
     c0, c1, c2 = prefix[:, cand]
+    # steps[j, b, a]: cost of the cluster between candidate a of boundary j and candidate b of
+    # boundary j + 1, laid out so that the minimum over a runs along the contiguous axis.
+    d0 = c0[1:, :, None] - c0[:-1, None, :]
+    d1 = c1[1:, :, None] - c1[:-1, None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        steps = (c2[1:, :, None] - c2[:-1, None, :]) - d1 * d1 / d0
+    steps[cand[1:, :, None] <= cand[:-1, None, :]] = np.inf
     best = c2[0] - c1[0] * c1[0] / c0[0]
-    width = cand.shape[1]
-    choice = np.empty((cand.shape[0] - 1, width), dtype=np.intp)
-    cols = np.arange(width)
-    chunk = max(1, _CHUNK_ELEMENTS // (width * width))
-    for start in range(0, choice.shape[0], chunk):
-        stop = min(start + chunk, choice.shape[0])
-        a, b = slice(start, stop), slice(start + 1, stop + 1)
-        d0 = c0[b, None, :] - c0[a, :, None]
-        d1 = c1[b, None, :] - c1[a, :, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cost = (c2[b, None, :] - c2[a, :, None]) - d1 * d1 / d0
-        cost[cand[a, :, None] >= cand[b, None, :]] = np.inf
-        for j, step in enumerate(cost, start):
-            total = best[:, None] + step
-            choice[j] = np.argmin(total, axis=0)
-            best = total[choice[j], cols]
-    tail0, tail1, tail2 = prefix[:, n, None] - prefix[:, cand[-1]]
-    best = best + tail2 - tail1 * tail1 / tail0
+    choice = np.empty(steps.shape[:2], dtype=np.intp)
+    rows = np.arange(cand.shape[1])
+    for j, step in enumerate(steps):
+        step += best
+        choice[j] = step.argmin(axis=1)
+        best = step[rows, choice[j]]
+    t0, t1, t2 = prefix[:, n, None] - prefix[:, cand[-1]]
+    best += t2 - t1 * t1 / t0
     sel = np.empty(cand.shape[0], dtype=np.intp)
-    sel[-1] = np.argmin(best)
+    sel[-1] = best.argmin()
     for j in range(cand.shape[0] - 2, -1, -1):
         sel[j] = choice[j, sel[j + 1]]
     return cand[np.arange(cand.shape[0]), sel], float(best[sel[-1]])
@@ -381,6 +389,11 @@ def _exact_kmeans(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
     labels = np.empty(x.size, dtype=np.uint64)
     centroids = np.empty(k, dtype=np.float64)
     _KMEANS1D.cluster_with_weights(
-        np.ascontiguousarray(x, dtype=np.float64), np.ascontiguousarray(w, dtype=np.float64), x.size, k, labels, centroids
+        np.ascontiguousarray(x, dtype=np.float64),
+        np.ascontiguousarray(w, dtype=np.float64),
+        x.size,
+        k,
+        labels,
+        centroids,
     )
     return labels

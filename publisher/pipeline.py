@@ -17,7 +17,7 @@ import psutil
 
 from publisher.assemble import assemble, check_destination, package_path, promote
 from publisher.cache import StageCache, hash_path, make_key
-from publisher.card import render_card
+from publisher.card import write_card
 from publisher.compress import compress_package
 from publisher.convert import convert_component, image_size
 from publisher.hub import PushResult, format_operations, format_summary, push_folder
@@ -106,8 +106,6 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
         build = build_variants(run)
         parity = check_parity(run, build)
         report = make_report(recipe, source, build, parity, monitor)
-        with monitor.stage("render card", record=False):
-            card = render_card(report, template=recipe.card.template, extra_tags=recipe.card.tags)
         with monitor.stage("assemble", record=False):
             staging = assemble(
                 work / "repo",
@@ -116,9 +114,11 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
                 recipe_text=recipe.text,
                 images=work / "images",
                 report=report,
-                card=card,
             )
-            promote(staging, out)
+        with monitor.stage("render card", record=False):
+            # After assembly: the card's image grid is drawn from the images in the folder.
+            write_card(staging, report, template=recipe.card.template, extra_tags=recipe.card.tags)
+        promote(staging, out)
     finally:
         tempfile.tempdir = previous_tempdir
         shutil.rmtree(work, ignore_errors=True)
@@ -300,6 +300,8 @@ def make_report(recipe: Recipe, source: LoadedSource, build: Build, parity: Pari
         source_revision=source.revision,
         family=source.family,
         license=recipe.card.license or source.license,
+        license_name=recipe.card.license_name,
+        license_link=recipe.card.license_link,
         target_repo=recipe.target.repo,
         precision=recipe.conversion.precision,
         minimum_deployment_target=recipe.conversion.minimum_deployment_target.value,

@@ -45,8 +45,10 @@ CONTRACT = {
 
 def test_demo_layout(demo_output: Path):
     files = {path.relative_to(demo_output).as_posix() for path in demo_output.iterdir()}
+    assert (demo_output / "images" / "image_grid.png").is_file()
     assert files == {
         "original",
+        "images",
         "vocab.json",
         "merges.txt",
         "recipe.yaml",

@@ -37,24 +37,23 @@ def unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
     packed = np.ascontiguousarray(packed).view(np.uint8).reshape(-1)
     mask = (1 << nbits) - 1
     if 8 % nbits == 0:
-        per_byte = 8 // nbits
-        shifts = np.arange(per_byte, dtype=np.uint8) * nbits
-        values = (packed[:, None] >> shifts) & mask
-        return values.reshape(-1)[:count]
-    # A field may straddle bytes: read whole words of lcm(nbits, 8) bits, each holding an integral
-    # number of elements, and shift every element out of its word.
-    word_bits = math.lcm(nbits, 8)
-    word_bytes = word_bits // 8
-    word_dtype = np.uint32 if word_bits <= 32 else np.uint64
-    padded = np.zeros(-(-packed.size // word_bytes) * word_bytes, dtype=np.uint8)
-    padded[: packed.size] = packed
-    groups = padded.reshape(-1, word_bytes).astype(word_dtype)
-    words = np.zeros(groups.shape[0], dtype=word_dtype)
-    for byte in range(word_bytes):
-        words |= groups[:, byte] << word_dtype(8 * byte)
-    shifts = (np.arange(word_bits // nbits) * nbits).astype(word_dtype)
-    values = ((words[:, None] >> shifts) & word_dtype(mask)).astype(np.uint8)
-    return values.reshape(-1)[:count]
+        shifts = np.arange(8 // nbits, dtype=np.uint8) * nbits
+        return ((packed[:, None] >> shifts) & mask).reshape(-1)[:count]
+    # Fields straddle bytes: take groups of lcm(nbits, 8) bits (a whole number of elements each)
+    # and assemble every element position of the group from its one or two bytes, all in uint8.
+    group_bits = math.lcm(nbits, 8)
+    group_bytes, per_group = group_bits // 8, group_bits // nbits
+    groups = np.zeros(-(-packed.size // group_bytes) * group_bytes, dtype=np.uint8)
+    groups[: packed.size] = packed
+    groups = groups.reshape(-1, group_bytes)
+    out = np.empty((groups.shape[0], per_group), dtype=np.uint8)
+    for j in range(per_group):
+        byte, shift = divmod(j * nbits, 8)
+        value = groups[:, byte] >> shift
+        if shift + nbits > 8:
+            value |= groups[:, byte + 1] << (8 - shift)
+        out[:, j] = value & mask
+    return out.reshape(-1)[:count]
 
 
 def _scalar_int(value: Any) -> int:
@@ -65,13 +64,18 @@ def _shape_tuple(shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in np.asarray(shape).reshape(-1))
 
 
+def _gather(table: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    # numpy indexes with uint8 directly; torch would need an int64 copy of the indices.
+    return table[indices]
+
+
 def lut_to_dense_ios16(indices: Any, lut: Any, shape: Any) -> torch.Tensor:
     """iOS16 constexpr_lut_to_dense: one 1-D table, indices packed LSB-first in a uint8 vector."""
     lut_t = as_tensor(lut).reshape(-1)
     nbits = int(round(math.log2(lut_t.numel())))
     out_shape = _shape_tuple(shape)
     unpacked = unpack_bits(np.asarray(indices), nbits, math.prod(out_shape))
-    return lut_t[torch.from_numpy(unpacked).long()].reshape(out_shape)
+    return torch.from_numpy(_gather(lut_t.numpy(), unpacked)).reshape(out_shape)
 
 
 def lut_to_dense_ios18(indices: Any, lut: Any, vector_axis: Any = None) -> torch.Tensor:
@@ -81,6 +85,8 @@ def lut_to_dense_ios18(indices: Any, lut: Any, vector_axis: Any = None) -> torch
     rank = idx.dim()
     groups = tuple(table.shape[:rank])
     palettes, vector_size = table.shape[rank], table.shape[rank + 1]
+    if math.prod(groups) == 1 and vector_size == 1:
+        return torch.from_numpy(_gather(table.reshape(-1).numpy(), idx.numpy()))
     blocks = tuple(d // g for d, g in zip(idx.shape, groups, strict=True))
     # [g0, b0, g1, b1, ...] -> [g0, g1, ..., b0, b1, ...]: each group's indices become one row.
     interleaved = idx.reshape([v for pair in zip(groups, blocks, strict=True) for v in pair])

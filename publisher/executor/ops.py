@@ -5,9 +5,11 @@ tensors for multi-output ops). Tensors come in the dtype the executor holds them
 then casts each result to the dtype the Program declares for it (fp16 mode) or to fp32 (fp32 mode).
 
 Ops registered with `native_half=True` are single torch calls whose CPU half-precision kernels
-compute in fp32 and round once, or that only move data: in fp16 mode they run on fp16 tensors
-directly, which gives the same bits as computing in fp32 and rounding the result. All other ops
-receive their floating-point inputs widened to fp32.
+compute in fp32 and round once (elementwise math, matmul, softmax, sum/mean/max/min), or that only
+move data: in fp16 mode they run on fp16 tensors directly, which gives the result of computing in
+fp32 and rounding once (bit for bit, up to fp32 summation order in matmul), without the fp32 copies
+that would double the memory traffic of the UNet's attention. All other ops receive their
+floating-point inputs widened to fp32.
 
 Semantics follow coremltools' MIL op definitions (coremltools/converters/mil/mil/ops/defs).
 """
@@ -381,7 +383,7 @@ def softsign(a: OpArgs) -> Result:
     return F.softsign(a["x"])
 
 
-@register("softmax")
+@register("softmax", native_half=True)
 def softmax(a: OpArgs) -> Result:
     return torch.softmax(a["x"], dim=a.int("axis", -1))
 
@@ -394,7 +396,7 @@ def linear(a: OpArgs) -> Result:
     return F.linear(a["x"], a["weight"], a.opt("bias"))
 
 
-@register("matmul")
+@register("matmul", native_half=True)
 def matmul(a: OpArgs) -> Result:
     x, y = a["x"], a["y"]
     if a.bool("transpose_x") and x.dim() > 1:
@@ -707,13 +709,19 @@ def _reduce_axes(a: OpArgs, x: torch.Tensor) -> list[int]:
     return sorted({_axis(int(ax), x.dim()) for ax in np.asarray(axes).reshape(-1)})
 
 
+_SINGLE_KERNEL_REDUCTIONS = {"reduce_sum", "reduce_mean", "reduce_max", "reduce_min"}
+
+
 def _reduction(op_type: str, fn: Callable[[torch.Tensor, list[int], bool], torch.Tensor]) -> None:
     def reduce(a: OpArgs) -> Result:
         x = a["x"]
         return fn(x, _reduce_axes(a, x), a.bool("keep_dims"))
 
     reduce.__name__ = op_type
-    register(op_type)(reduce)
+    # Single-kernel reductions accumulate half inputs in fp32; composite ones (l2 = sqrt of a sum of
+    # squares, ...) would round between their steps, so they get fp32 inputs.
+    register(op_type, native_half=op_type in _SINGLE_KERNEL_REDUCTIONS)(reduce)
+
 
 
 def _prod(x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:

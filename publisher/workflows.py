@@ -1,0 +1,475 @@
+"""What the GitHub Actions workflows run (``.github/workflows/publish.yml``).
+
+- ``publisher changed-recipes BASE HEAD`` is the publish workflow's first job: the matrix of recipes a
+  push changed, each with its name and target repo (the key of the publish job's ``concurrency``).
+- ``publisher bench-device REPO --recipe RECIPE --push`` is its macOS job. It downloads the published
+  revision and measures what only Apple's runtime can: Core ML runtime parity against the PyTorch
+  reference, and end-to-end latency and UNet iterations/s per variant and compute unit. It compiles each
+  variant to ``.mlmodelc`` and zips them the way Apple's apps download them
+  (``<repo name>_<variant>_compiled.zip``), records ``device_results.json``, re-renders the card and
+  pushes one more commit.
+
+Only compiling, loading a compiled model and measuring parity need macOS; they arrive as
+:class:`DeviceTools`, so everything else here runs, and is tested, on Linux.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from publisher import __version__
+from publisher.cache import hash_path
+from publisher.card import SWIFT_RESOURCES, format_bytes, write_card
+from publisher.device import DEVICE_RESULTS_NAME, DeviceResults, DeviceRun, read_device_results
+from publisher.errors import HubError, ParityError, PublisherError, RecipeError
+from publisher.hub import PushResult, _Context, _hub_errors, format_operations, format_summary, push_folder
+from publisher.recipe import Recipe, load_recipe
+from publisher.report import ParityResult, PublishReport
+
+if TYPE_CHECKING:
+    from publisher.pipeline import PushOptions
+
+RECIPES_DIR = "recipes"
+RECIPE_SUFFIXES = (".yaml", ".yml")
+# GitHub's `github.event.before` when the pushed branch did not exist before.
+ZERO_SHA = "0" * 40
+
+# ControlNets are left out: Apple's Swift pipeline loads them from `controlnet/<Name>.mlmodelc` under a
+# name the app chooses, not under a fixed resource name.
+COMPILED_RESOURCES = {**SWIFT_RESOURCES, "control_unet": "ControlledUnet"}
+TOKENIZER_FILES = ("merges.txt", "vocab.json")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+GENERATION = (*TEXT_ENCODERS, "unet", "vae_decoder")  # the models one text-to-image generation runs
+COMMIT_MESSAGE = "Add device benchmarks and compiled Core ML models"
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so the same models always zip to the same bytes
+_COPY_CHUNK = 1 << 20
+
+Inputs = dict[str, np.ndarray]
+Predict = Callable[[Inputs], Mapping[str, np.ndarray]]
+
+
+def _run(command: list[str], cwd: Path | None = None) -> str:
+    """Run a tool and return its stdout; a failure becomes one line naming the command and its error."""
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise PublisherError(f"{command[0]} is not installed or not on PATH") from None
+    if done.returncode != 0:
+        reason = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
+        raise PublisherError(f"`{' '.join(command[:3])}` failed: {reason}")
+    return done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The publish matrix
+
+
+def _commit(root: Path, revision: str) -> str:
+    try:
+        return _run(["git", "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"], root).strip()
+    except PublisherError:
+        raise PublisherError(
+            f"{revision!r} is not a commit of the git repository at {root.resolve()}"
+            " (a shallow clone? check out with fetch-depth: 0)"
+        ) from None
+
+
+def changed_recipes(base: str, head: str, root: Path = Path()) -> list[str]:
+    """The recipes (paths relative to ``root``, sorted) that changed between the commits ``base`` and ``head``.
+
+    A recipe changed when its own file did, or any file in a local folder or file it reads (source, VAE or
+    ControlNet folder, card template), deletions included. ``root`` must have ``head`` checked out: recipes
+    are read from its working tree. A ``base`` of all zeros (the branch's first push) selects every recipe.
+    """
+    head_commit = _commit(root, head)
+    checked_out = _commit(root, "HEAD")
+    if head_commit != checked_out:
+        raise PublisherError(
+            f"{root.resolve()} has {checked_out[:10]} checked out, not {head} ({head_commit[:10]}):"
+            " recipes are read from the working tree, so check out HEAD first"
+        )
+    listed = _run(["git", "ls-files", "-z", "--", RECIPES_DIR], root).split("\0")
+    recipes = sorted(path for path in listed if path.endswith(RECIPE_SUFFIXES))
+    if base == ZERO_SHA:
+        return recipes
+    diff = ["git", "diff", "--name-only", "-z", "--no-renames", _commit(root, base), head_commit, "--", RECIPES_DIR]
+    changed = {path for path in _run(diff, root).split("\0") if path}
+    others = [root.resolve() / path for path in sorted(changed - set(recipes))]
+    return [path for path in recipes if path in changed or (others and _reads_any(root / path, others))]
+
+
+def _reads_any(recipe_file: Path, files: list[Path]) -> bool:
+    recipe = load_recipe(recipe_file)
+    source = recipe.source
+    inputs = [source.path, recipe.card.template]
+    inputs += [model.path for model in (source.vae, source.controlnet) if model is not None]
+    return any(file.is_relative_to(path) for path in inputs if path is not None for file in files)
+
+
+def recipe_matrix(recipes: list[str], root: Path = Path()) -> dict[str, list[dict[str, str]]]:
+    """GitHub's ``strategy.matrix`` publishing ``recipes``: each one's path, name and target repo."""
+    include = []
+    for path in recipes:
+        recipe = load_recipe(root / path)
+        include.append({"recipe": path, "name": recipe.name, "repo": recipe.target.repo})
+    return {"include": include}
+
+
+def format_matrix(matrix: dict[str, list[dict[str, str]]]) -> str:
+    """One compact line: what a step writes to ``$GITHUB_OUTPUT``, and what the workflow compares to no change."""
+    return json.dumps(matrix, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The device job
+
+
+@dataclass(frozen=True)
+class DeviceTools:
+    """What a device run needs from macOS, injected so the rest runs anywhere.
+
+    Attributes:
+        compile: ``(package, output folder) -> the .mlmodelc folder written there`` (Xcode's compiler).
+        load: ``(compiled model, compute unit) -> its predict function`` (Core ML's runtime).
+        measure: ``(component, package) -> worst PSNR in dB`` of the Core ML runtime against the PyTorch
+            reference, as :func:`publisher.parity.measure_component` measures it.
+        device, os, tool_versions: what the device results record about the machine.
+    """
+
+    compile: Callable[[Path, Path], Path]
+    load: Callable[[Path, str], Predict]
+    measure: Callable[[str, Path], float]
+    device: str
+    os: str
+    tool_versions: dict[str, str]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Apple's benchmark protocol by default: 20 steps, median of 5 runs."""
+
+    steps: int = 20
+    runs: int = 5
+    # Empty: each variant on the compute units it was made for (the report's `compute_units`).
+    compute_units: tuple[str, ...] = ()
+
+
+@dataclass
+class BenchResult:
+    zips: list[Path] = field(default_factory=list)
+    runs: list[DeviceRun] = field(default_factory=list)
+    parity: list[ParityResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[ParityResult]:
+        return [result for result in self.parity if not result.passed]
+
+
+def bench_device(folder: Path, repo_id: str, recipe: Recipe, tools: DeviceTools,
+                 settings: BenchSettings = BenchSettings(), *,
+                 clock: Callable[[], float] = time.perf_counter) -> BenchResult:
+    """Measure the assembled ``folder`` on this Mac and add what was measured to it.
+
+    Writes ``<repo name>_<variant>_compiled.zip`` at the root (``repo_id`` names them: apps derive the
+    URL from the repo they download from), ``device_results.json`` (this machine's rows replaced, other
+    devices' kept), the Core ML runtime rows of the report's parity table, and the card rendered from
+    them. Parity failures are recorded, not raised: the caller decides when to fail.
+    """
+    from publisher.parity import COREML_RUNTIME
+
+    report = PublishReport.read(folder)
+    if report.recipe_sha256 != recipe.sha256:
+        raise RecipeError(
+            f"{recipe.file}: is not the recipe {folder} was published from (its sha256 differs from the"
+            " report's): check out the commit that published it"
+        )
+    result = BenchResult()
+    measured: dict[str, float] = {}  # package content hash -> PSNR: variants share unchanged packages
+    with tempfile.TemporaryDirectory(prefix=f".{folder.name}.bench-", dir=folder.parent) as work:
+        for variant in report.variants:
+            packages = {c.component: folder / variant.folder / c.package for c in variant.components}
+            for component, package in packages.items():
+                key = hash_path(package)
+                if key not in measured:
+                    measured[key] = tools.measure(component, package)
+                threshold = recipe.parity.threshold(component)
+                result.parity.append(ParityResult(
+                    component=component, variant=variant.folder, backend=COREML_RUNTIME,
+                    psnr_db=round(measured[key], 2), threshold_db=threshold, passed=measured[key] >= threshold,
+                ))
+            stem = f"{repo_id.split('/')[-1]}_{variant.folder}_compiled"
+            compiled = compile_variant(folder, packages, Path(work) / stem, tools.compile)
+            if compiled is None:
+                continue
+            result.zips.append(zip_compiled(compiled).replace(folder / f"{stem}.zip"))
+            if not all(component in packages for component in ("text_encoder", "unet", "vae_decoder")):
+                continue  # not a text-to-image pipeline: nothing to time end to end
+            inputs = {component: example_inputs(packages[component]) for component in GENERATION
+                      if component in packages}
+            for unit in settings.compute_units or (variant.compute_units,):
+                models = {component: tools.load(compiled / f"{COMPILED_RESOURCES[component]}.mlmodelc", unit)
+                          for component in inputs}
+                latency, speed = time_generation(models, inputs, settings.steps, settings.runs, clock)
+                result.runs.append(DeviceRun(
+                    device=tools.device, os=tools.os, variant=variant.folder, compute_unit=unit,
+                    latency_s=_significant(latency), iterations_per_second=_significant(speed), steps=settings.steps,
+                    runs=settings.runs, date=datetime.date.today(), tool_versions=tools.tool_versions,
+                    notes=f"median after one warm-up run; UNet batch {inputs['unet']['sample'].shape[0]};"
+                          " compiled models driven from Python (coreml-publisher bench-device)",
+                ))
+
+    record_runs(folder, result.runs)
+    variants = {r.variant for r in result.parity}
+    kept = [r for r in report.parity if not (r.backend == COREML_RUNTIME and r.variant in variants)]
+    report = report.model_copy(update={"parity": kept + result.parity})
+    report.write(folder)
+    write_card(folder, report, template=recipe.card.template, extra_tags=recipe.card.tags)
+    return result
+
+
+def _significant(value: float) -> float:
+    """Four significant digits: decimals would round a tiny model's milliseconds to zero."""
+    return float(f"{value:.4g}")
+
+
+def compile_variant(folder: Path, packages: dict[str, Path], destination: Path,
+                    compile_model: Callable[[Path, Path], Path]) -> Path | None:
+    """Compile ``packages`` into ``destination`` as the resources Apple's Swift pipeline loads
+    (``Unet.mlmodelc``, ...), beside the tokenizer files it reads. ``None`` when the variant has no
+    component the pipeline loads by a fixed name (a ControlNet alone)."""
+    resources = {component: COMPILED_RESOURCES[component] for component in packages if component in COMPILED_RESOURCES}
+    if not resources:
+        return None
+    missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise PublisherError(f"{folder} has no {' or '.join(missing)}: the compiled models would be unusable")
+    destination.mkdir(parents=True)
+    for component, resource in resources.items():
+        compiled = compile_model(packages[component], destination.parent / f"{destination.name}.{component}")
+        if not compiled.is_dir():
+            raise PublisherError(f"compiling {packages[component].name} produced no {compiled.name}")
+        compiled.rename(destination / f"{resource}.mlmodelc")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(folder / name, destination / name)
+    return destination
+
+
+def zip_compiled(compiled: Path) -> Path:
+    """Zip the folder ``compiled`` beside it, as a top folder of the same name: apps unzip the archive
+    and load ``<archive name without .zip>/``."""
+    archive_path = compiled.parent / f"{compiled.name}.zip"
+    with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted([compiled, *compiled.rglob("*")]):
+            name = path.relative_to(compiled.parent).as_posix()
+            if path.is_dir():
+                info = zipfile.ZipInfo(f"{name}/", _ZIP_DATE)
+                info.external_attr = (0o40755 << 16) | 0x10  # unix mode and the MS-DOS directory flag
+                archive.writestr(info, b"")
+                continue
+            info = zipfile.ZipInfo(name, _ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o100644 << 16
+            # Decided before writing a streamed entry; zipfile's own margin for deflate growth.
+            large = path.stat().st_size * 1.05 > zipfile.ZIP64_LIMIT
+            with path.open("rb") as source, archive.open(info, "w", force_zip64=large) as target:
+                shutil.copyfileobj(source, target, _COPY_CHUNK)
+    return archive_path
+
+
+def example_inputs(package: Path, seed: int = 0) -> Inputs:
+    """One array per input of ``package``, with the shape and type its spec declares.
+
+    Token ids are zeros, a valid id in every vocabulary; the rest is noise. The values only need to be
+    plausible: the time a dense network takes does not depend on them.
+    """
+    from coremltools.proto import FeatureTypes_pb2, Model_pb2
+
+    kinds = FeatureTypes_pb2.ArrayFeatureType
+    dtypes = {kinds.FLOAT16: np.float16, kinds.FLOAT32: np.float32, kinds.DOUBLE: np.float64, kinds.INT32: np.int32}
+    spec = Model_pb2.Model()
+    spec.ParseFromString((package / "Data" / "com.apple.CoreML" / "model.mlmodel").read_bytes())
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for feature in spec.description.input:
+        array = feature.type.multiArrayType
+        shape = tuple(array.shape)
+        values = np.zeros(shape) if feature.name == "input_ids" else rng.standard_normal(shape)
+        inputs[feature.name] = values.astype(dtypes[array.dataType])
+    return inputs
+
+
+def time_generation(models: Mapping[str, Predict], inputs: Mapping[str, Inputs], steps: int, runs: int,
+                    clock: Callable[[], float]) -> tuple[float, float]:
+    """Median seconds of one text-to-image generation, and UNet iterations per second (median).
+
+    A generation is what Apple's pipelines run: each text encoder once per prompt of the UNet batch
+    (prompt and negative prompt under classifier-free guidance), ``steps`` UNet predictions, one VAE
+    decode. One untimed run comes first: Core ML specializes a model on its first prediction.
+    """
+    prompts = inputs["unet"]["sample"].shape[0]
+
+    def generate() -> tuple[float, float]:
+        start = clock()
+        for encoder in TEXT_ENCODERS:
+            if encoder in models:
+                for _ in range(prompts):
+                    models[encoder](inputs[encoder])
+        denoise_start = clock()
+        for _ in range(steps):
+            models["unet"](inputs["unet"])
+        denoise_end = clock()
+        models["vae_decoder"](inputs["vae_decoder"])
+        return clock() - start, denoise_end - denoise_start
+
+    generate()
+    timings = [generate() for _ in range(runs)]
+    return statistics.median(t[0] for t in timings), steps / statistics.median(t[1] for t in timings)
+
+
+def record_runs(folder: Path, runs: list[DeviceRun]) -> Path:
+    """Add ``runs`` to ``folder``'s device results, replacing earlier rows of the same device, variant and unit."""
+    measured = {(run.device, run.variant, run.compute_unit) for run in runs}
+    kept = [run for run in read_device_results(folder) if (run.device, run.variant, run.compute_unit) not in measured]
+    path = folder / DEVICE_RESULTS_NAME
+    path.write_text(DeviceResults(results=[*kept, *runs]).model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def describe(result: BenchResult) -> str:
+    """The lines a CI log shows: each configuration's timing, each Core ML runtime PSNR, each zip."""
+    lines = [
+        f"{run.variant}/{run.compute_unit}: {run.latency_s:.2f} s end to end, {run.iterations_per_second:.2f} it/s"
+        f" ({run.steps} steps, median of {run.runs})"
+        for run in result.runs
+    ]
+    lines += [
+        f"{r.variant}/{r.component}: Core ML runtime {r.psnr_db:.1f} dB"
+        f" ({'ok' if r.passed else 'FAILED'}, threshold {r.threshold_db:g} dB)"
+        for r in result.parity
+    ]
+    lines += [f"wrote {path.name} ({format_bytes(path.stat().st_size)})" for path in result.zips]
+    return "\n".join(lines)
+
+
+def fetch_published(repo_id: str, revision: str | None, folder: Path, *, endpoint: str | None = None) -> str:
+    """Download ``repo_id`` at ``revision`` (default ``main``) into the new folder ``folder``; return the commit."""
+    from huggingface_hub import HfApi, get_token, snapshot_download
+
+    if folder.exists() and any(folder.iterdir()):
+        raise PublisherError(f"{folder} is not empty: bench-device downloads into a new folder, so that no stale"
+                             " file is pushed back")
+    api = HfApi(endpoint=endpoint)
+    ctx = _Context(repo_id=repo_id, revision=revision or "main", endpoint=api.endpoint, secret=get_token(),
+                   step="read the published revision")
+    with _hub_errors(ctx):
+        commit = api.model_info(repo_id, revision=revision).sha
+        if commit is None:
+            raise HubError(f"the Hub at {api.endpoint} returned no head commit for {repo_id}@{ctx.revision}")
+        ctx.step = "download the published revision"
+        snapshot_download(repo_id, revision=commit, local_dir=folder, endpoint=endpoint)
+    return commit
+
+
+def push_results(folder: Path, repo_id: str, fetched: str | None, options: PushOptions, *,
+                 endpoint: str | None = None, quiet: bool = False) -> PushResult:
+    """Commit ``folder`` to ``repo_id``, unless the repo moved since ``fetched`` (the commit measured):
+    the results describe those packages, and pushing the folder would undo whatever landed since."""
+    from huggingface_hub import HfApi, get_token
+
+    target = options.revision or "main"
+    if fetched is not None:
+        api = HfApi(endpoint=endpoint)
+        ctx = _Context(repo_id=repo_id, revision=target, endpoint=api.endpoint, secret=get_token(),
+                       step="read the current head")
+        with _hub_errors(ctx):
+            head = api.model_info(repo_id, revision=options.revision).sha
+        if head != fetched:
+            raise HubError(
+                f"{repo_id}@{target} moved from {fetched[:10]} to {(head or 'nothing')[:10]} while bench-device"
+                " measured it; nothing was pushed: rerun to measure the new revision"
+            )
+    result = push_folder(folder, repo_id, revision=options.revision, create_pr=options.create_pr,
+                         dry_run=options.dry_run, endpoint=endpoint, commit_message=COMMIT_MESSAGE,
+                         progress=not quiet)
+    print(format_operations(result) if options.dry_run else format_summary(result))
+    return result
+
+
+def run_bench_device(target: str, recipe: Recipe, tools: DeviceTools, settings: BenchSettings = BenchSettings(),
+                     *, out: Path | None = None, push: PushOptions | None = None, endpoint: str | None = None,
+                     quiet: bool = False) -> BenchResult:
+    """``publisher bench-device``: measure an assembled folder, or a Hub repo downloaded into ``out``
+    (default ``bench/<repo name>``), print the results and push them when ``push`` is given.
+
+    Raises :class:`ParityError` after pushing when the Core ML runtime misses a threshold: the card
+    shows the failing row, and the job still fails.
+    """
+    folder = Path(target)
+    fetched = None
+    if folder.is_dir():
+        repo_id = PublishReport.read(folder).target_repo
+    else:
+        repo_id = target
+        folder = out or Path("bench") / target.split("/")[-1]
+        fetched = fetch_published(repo_id, push.revision if push else None, folder, endpoint=endpoint)
+    result = bench_device(folder, repo_id, recipe, tools, settings)
+    print(describe(result))
+    if push is not None:
+        push_results(folder, repo_id, fetched, push, endpoint=endpoint, quiet=quiet)
+    if result.failed:
+        worst = min(result.failed, key=lambda r: r.psnr_db - r.threshold_db)
+        raise ParityError(
+            f"parity failed on the Core ML runtime: {worst.component} ({worst.variant}) reaches {worst.psnr_db:.1f}"
+            f" dB, below its {worst.threshold_db:g} dB threshold ({len(result.failed)} failing row(s) recorded"
+            " on the card)"
+        )
+    return result
+
+
+def coreml_tools(recipe: Recipe) -> DeviceTools:
+    """The real tools on a Mac: ``xcrun coremlcompiler``, coremltools' runtime, parity against ``recipe``'s source."""
+    from publisher.parity import COREML_RUNTIME, coreml_runtime_available, measure_component
+
+    if platform.system() != "Darwin" or not coreml_runtime_available():
+        raise PublisherError("bench-device needs macOS: Core ML's runtime and Xcode's compiler exist only there"
+                             " (run it on an Apple-silicon Mac, or let the publish workflow's macOS job run it)")
+    import coremltools as ct
+
+    from publisher.source import load_source
+
+    source = functools.cache(lambda: load_source(recipe))  # loaded once, and only if parity is measured
+
+    def compile_model(package: Path, out: Path) -> Path:
+        out.mkdir(parents=True, exist_ok=True)
+        _run(["xcrun", "coremlcompiler", "compile", str(package), str(out)])
+        return out / f"{package.stem}.mlmodelc"
+
+    def load(compiled: Path, compute_unit: str) -> Predict:
+        return ct.models.CompiledMLModel(str(compiled), compute_units=ct.ComputeUnit[compute_unit]).predict
+
+    def measure(component: str, package: Path) -> float:
+        return measure_component(recipe, source(), component, package, on=(COREML_RUNTIME,)).psnr_db[COREML_RUNTIME]
+
+    chip = _run(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
+    model = _run(["sysctl", "-n", "hw.model"]).strip()
+    xcode = _run(["xcodebuild", "-version"]).split()[1]
+    return DeviceTools(
+        compile=compile_model, load=load, measure=measure, device=f"{chip} ({model})",
+        os=f"macOS {platform.mac_ver()[0]}",
+        tool_versions={"coreml-publisher": __version__, "coremltools": ct.__version__, "Xcode": xcode},
+    )
