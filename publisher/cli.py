@@ -1,4 +1,4 @@
-"""Command line: ``publisher validate|plan|publish|push|card``.
+"""Command line: ``publisher validate|plan|publish|push|card|cache|synthesize|changed-recipes|bench-device``.
 
 User mistakes end as one line on stderr and a documented exit code (2 recipe, 3 parity, 4 Hub),
 never as a traceback.

@@ -61,18 +61,14 @@ _KMEANS1D.cluster_with_weights.argtypes = [
     np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS"),
 ]
 
-# Problems with at most this many points x clusters are solved exactly by kmeans1d (about 340 ns
-# per point-cluster on one core); larger ones by the windowed search below.
-_EXACT_LIMIT = 1 << 17
-# Windowed search schedule (see _optimal_partition): grids of k cells refined _REFINE-fold per
-# level; local windows of +-_HALF_WINDOW grid positions; migration windows of
-# +-_MIGRATION_HALF_WINDOW positions around a boundary and around each neighbour, plus the best
-# split points of the two clusters it separates.
+# Search schedule (see _optimal_partition). Exact k-means runs on about _MICRO_PER_CLUSTER micro-bins
+# per cluster; the density estimate behind them averages runs of 2 * _SMOOTH + 1 points. The
+# refinement grids grow _REFINE-fold per level; local windows span +-_HALF_WINDOW grid positions,
+# migration windows +-_MIGRATION_HALF_WINDOW positions around a boundary and around each
+# neighbour plus the best split points of the two clusters it separates.
+_MICRO_PER_CLUSTER = 8
+_SMOOTH = 2
 _REFINE = 4
-_SMOOTH = 0
-_INIT = 'lambda'
-_COARSE_CELLS = 8
-_MAX_MICRO = 1 << 20
 _HALF_WINDOW = 8
 _MIGRATION_HALF_WINDOW = 4
 # A pass that gains less than this fraction of the cost ends the search on a grid.
@@ -103,11 +99,7 @@ def kmeans_1d(values: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
         raise ValueError(f"k must be >= 1, got {k}")
     if x.size <= k:
         return x.copy()
-    if x.size * k <= _EXACT_LIMIT:
-        labels = _exact_kmeans(x, w, k)
-        starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
-    else:
-        starts = _optimal_partition(x, w, k)
+    starts = _optimal_partition(x, w, k)
     return np.add.reduceat(w * x, starts) / np.add.reduceat(w, starts)
 
 
@@ -246,32 +238,34 @@ def _optimal_partition(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
     np.cumsum(np.cbrt(mass / span) * gap, out=density[1:])
     density /= density[-1]
 
-    if _INIT == "exact":
-        edges = _grid(density, min(_COARSE_CELLS * k, _MAX_MICRO))
-        if edges.size - 1 <= k:
-            edges = np.arange(n + 1)
-        mass = np.add.reduceat(w, edges[:-1])
-        labels = _exact_kmeans(np.add.reduceat(w * x, edges[:-1]) / mass, mass, k)
-        bounds = edges[1:-1][labels[1:] != labels[:-1]]
+    # Exact k-means of micro-bins (runs of points about 1/_MICRO_PER_CLUSTER of an optimal cluster
+    # wide, single points where the data is sparse) fixes the global layout: how many clusters
+    # each region of the distribution gets. The windowed search then only moves boundaries
+    # locally. Few enough points are all clustered exactly.
+    cells = _MICRO_PER_CLUSTER * k
+    if n <= cells:
+        edges = np.arange(n + 1)
     else:
-        inner = np.arange(1, k)
-        bounds = np.searchsorted(density, inner / k)
-        # Make the initial boundaries strictly increasing inside [1, n - 1] (no empty cluster).
-        bounds = np.clip(np.maximum.accumulate(bounds - inner), 0, n - k) + inner
+        # Equal-rank cuts guarantee at least k micro-bins however concentrated the density is.
+        edges = np.union1d(_grid(density, cells), np.arange(k + 1) * n // k)
+    mass = np.add.reduceat(w, edges[:-1])
+    labels = _exact_kmeans(np.add.reduceat(w * x, edges[:-1]) / mass, mass, k)
+    bounds = edges[1:-1][labels[1:] != labels[:-1]]
+    if edges.size == n + 1:
+        return np.concatenate([[0], bounds])
     cost = _partition_cost(bounds, prefix)
 
-    # The grids mix in the point rank so that enough cells separate every point however the
-    # density concentrates. Migration passes run on the coarsest grid, where they decide how many
-    # clusters each region gets, and on the point grid.
+    # The refinement grids mix in the point rank so that enough cells separate every point however
+    # the density concentrates; a migration pass on the point grid catches a cluster the micro-bins
+    # put in the wrong region.
     coord = (density + np.arange(n + 1) / n) / 2
-    cells = k
     while True:
+        cells *= _REFINE
         edges = _grid(coord, cells)
         final = edges.size == n + 1
-        bounds, cost = _settle(edges, bounds, cost, prefix, migrate=final or cells == k)
+        bounds, cost = _settle(edges, bounds, cost, prefix, migrate=final)
         if final:
             return np.concatenate([[0], bounds])
-        cells *= _REFINE
 
 
 def _partition_cost(bounds: np.ndarray, prefix: np.ndarray) -> float:

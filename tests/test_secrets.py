@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import DEMO_RECIPE, ROOT
+from tests.conftest import DEMO_RECIPE
 from tests.hub.server import TokenInfo
 
 pytest_plugins = ["tests.hub.fixtures"]
@@ -35,6 +35,7 @@ def _files_containing(root: Path, secret: str) -> list[str]:
 
 def test_token_never_leaks_into_outputs_logs_or_errors(hub_server, tmp_path: Path, isolated_cache: Path):
     hub_server.tokens[SENTINEL] = TokenInfo(NAMESPACE, "write")
+    hub_server.namespaces.add(NAMESPACE)
     out = tmp_path / "published"
 
     pushed = _run(["publish", str(DEMO_RECIPE), "--out", str(out), "--push"], SENTINEL, hub_server.url, tmp_path)
