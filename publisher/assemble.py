@@ -21,19 +21,24 @@ import uuid
 from pathlib import Path
 
 from publisher.errors import PublisherError
+from publisher.recipe import Recipe
 from publisher.report import REPORT_NAME, PublishReport
 
 RECIPE_NAME = "recipe.yaml"
 CARD_NAME = "README.md"
 
 
-def package_name(model_version: str, component: str) -> str:
-    """Apple's naming: ``Stable_Diffusion_version_<model id with / -> _>_<component>.mlpackage``."""
-    return f"Stable_Diffusion_version_{model_version.replace('/', '_')}_{component}.mlpackage"
+def package_name(recipe: Recipe, component: str) -> str:
+    """Apple's naming: ``Stable_Diffusion_version_<model id with / -> _>_<component>.mlpackage``, the
+    ControlNet-conditioned UNet as ``..._control-unet``, and ControlNets as ``ControlNet_<model id>``."""
+    if component == "controlnet":
+        return f"ControlNet_{recipe.source.controlnet.model_id.replace('/', '_')}.mlpackage"
+    suffix = "control-unet" if component == "control_unet" else component
+    return f"Stable_Diffusion_version_{recipe.model_version.replace('/', '_')}_{suffix}.mlpackage"
 
 
-def package_path(variant_folder: str, model_version: str, component: str) -> str:
-    return f"{variant_folder}/packages/{package_name(model_version, component)}"
+def package_path(variant_folder: str, recipe: Recipe, component: str) -> str:
+    return f"{variant_folder}/packages/{package_name(recipe, component)}"
 
 
 # Dropped so that the same recipe, run again, publishes the same bytes (a no-op commit on the Hub).

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
-from publisher.recipe import Palettize, Prune, Quantize, Scheme
+import numpy as np
+
+from publisher.mixed_bit import Calibration, MixedBitRecipe, build_recipe
+from publisher.palettize import palettize_config
+from publisher.recipe import Override, Palettize, Prune, Quantize, Scheme
 
 # Apple leaves embedding tables (`gather`) uncompressed: palettized embeddings cost text-encoder
 # quality for little size.
@@ -27,9 +33,64 @@ def _op_type_configs() -> dict[str, None]:
     return dict.fromkeys(SKIPPED_OP_TYPES)
 
 
+@dataclass(frozen=True)
+class Weight:
+    """A constant of the program and the ops reading it."""
+
+    name: str
+    consumers: tuple[str, ...]
+    consumer_types: tuple[str, ...]
+    size: int
+    floating: bool
+
+    def compressible(self, weight_threshold: int) -> bool:
+        """What coremltools compresses by default: float tensors above the threshold, not embeddings."""
+        return (self.floating and self.size > weight_threshold and bool(self.consumers)
+                and not set(self.consumer_types) & set(SKIPPED_OP_TYPES))
+
+    def matches(self, pattern: str) -> bool:
+        return any(fnmatchcase(name, pattern) for name in (self.name, *self.consumers))
+
+
+def program_weights(package: Path) -> list[Weight]:
+    """Every tensor constant of the package's main function, in program order."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+
+    model = ct.models.MLModel(str(package), skip_model_load=True)
+    spec = model.get_spec()
+    program = milproto.load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir or "")
+    weights = []
+    for op in program.functions["main"].operations:
+        value = op.outputs[0].val if op.op_type == "const" else None
+        if isinstance(value, np.ndarray) and value.size > 1:
+            readers = op.outputs[0].child_ops
+            weights.append(Weight(op.name, tuple(r.name for r in readers), tuple(r.op_type for r in readers),
+                                  int(value.size), bool(np.issubdtype(value.dtype, np.floating))))
+    return weights
+
+
+def _last_match(weight: Weight, overrides: tuple[Override, ...]) -> Override | None:
+    return next((o for o in reversed(overrides) if weight.matches(o.pattern)), None)
+
+
+def matched_weights(weights: list[Weight], overrides: tuple[Override, ...]) -> dict[str, Override]:
+    """Weight name -> the override deciding its compression."""
+    return {w.name: o for w in weights if (o := _last_match(w, overrides)) is not None}
+
+
+def _by_reader(weights: list[Weight], configs: dict[str, Any]) -> dict[str, Any]:
+    # Keyed by the reading ops, not the constants: a constant compressed by an earlier pass is
+    # replaced by constexpr ops of new names, while its readers keep theirs.
+    by_name = {w.name: w for w in weights}
+    return {reader: config for name, config in configs.items() for reader in by_name[name].consumers}
+
+
 def palettizer_config(palettize: Palettize, weight_threshold: int):
     from coremltools.optimize.coreml import OpPalettizerConfig
 
+    if palettize.mixed is not None:
+        raise ValueError("a mixed-bit palettization has no single config: see compress_package")
     grouped = palettize.granularity == "per_grouped_channel"
     return OpPalettizerConfig(
         mode=palettize.mode,
@@ -60,32 +121,84 @@ def pruner_config(prune: Prune, weight_threshold: int):
     return OpMagnitudePrunerConfig(target_sparsity=prune.sparsity, weight_threshold=weight_threshold)
 
 
-def compress_package(package: Path, scheme: Scheme, out: Path) -> CompressedComponent:
-    """Write ``package`` compressed with ``scheme`` to ``out``. A ``none`` scheme copies nothing:
-    the caller keeps the original package."""
-    import coremltools as ct
-    from coremltools.optimize.coreml import (
-        OptimizationConfig,
-        linear_quantize_weights,
-        palettize_weights,
-        prune_weights,
-    )
+def mixed_recipe(package: Path, scheme: Scheme, component: str,
+                 calibration: Calibration | None) -> MixedBitRecipe:
+    """The stored mixed-bit recipe of ``scheme``, or one built now for its target on ``calibration``."""
+    mixed = scheme.palettize.mixed if scheme.palettize else None
+    if mixed is None:
+        raise ValueError("the scheme has no mixed-bit palettization")
+    if mixed.recipe is not None:
+        return MixedBitRecipe.load(mixed.recipe)
+    if calibration is None:
+        raise ValueError("a mixed-bit target needs calibration inputs (publisher.mixed_bit.calibration)")
+    overridden = matched_weights(program_weights(package), scheme.overrides)
+    return build_recipe(package, calibration, component, target_bits=mixed.target_bits,
+                        target_psnr=mixed.target_psnr, weight_threshold=scheme.weight_threshold,
+                        candidates=mixed.candidates, groups=mixed.groups, exclude=overridden)
 
-    started = time.perf_counter()
-    model = ct.models.MLModel(str(package), skip_model_load=True)
 
-    def config(op_config) -> OptimizationConfig:
-        return OptimizationConfig(global_config=op_config, op_type_configs=_op_type_configs())
+def stage_configs(package: Path, scheme: Scheme, mixed: MixedBitRecipe | None = None) -> dict[str, Any]:
+    """The ``OptimizationConfig`` of each pass to run (``prune``, ``palettize``, ``quantize``), in that order.
+
+    The component's own stages are global configs; a mixed-bit recipe and the overrides become
+    per-op configs (overrides win), so a pass runs when any of them asks for it.
+    """
+    from coremltools.optimize.coreml import OptimizationConfig
 
     threshold = scheme.weight_threshold
-    if scheme.prune:
-        model = prune_weights(model, config(pruner_config(scheme.prune, threshold)))
-    if scheme.palettize:
+    weights = program_weights(package) if (mixed or scheme.overrides) else []
+    per_weight: dict[str, dict[str, Any]] = {"prune": {}, "palettize": {}, "quantize": {}}
+    if mixed is not None:
+        known = {w.name for w in weights}
+        unknown = sorted(set(mixed.layers) - known)
+        if unknown:
+            raise ValueError(
+                f"the mixed-bit recipe names {len(unknown)} weights the package lacks, e.g. {unknown[0]!r}"
+            )
+        palettizers = {bits: palettize_config(bits, weight_threshold=threshold) for bits in set(mixed.layers.values())}
+        per_weight["palettize"] = {name: palettizers[bits] for name, bits in mixed.layers.items()}
+    makers = {"prune": pruner_config, "palettize": palettizer_config, "quantize": quantizer_config}
+    for name, override in matched_weights(weights, scheme.overrides).items():
+        for stage, maker in makers.items():
+            given = getattr(override, stage)
+            per_weight[stage][name] = maker(given, threshold) if given is not None else None
+    configs = {}
+    for stage, maker in makers.items():
+        given = getattr(scheme, stage)
+        base = maker(given, threshold) if given is not None and not (stage == "palettize" and mixed) else None
+        named = _by_reader(weights, per_weight[stage])
+        if base is None and not any(config is not None for config in named.values()):
+            continue
+        configs[stage] = OptimizationConfig(global_config=base, op_type_configs=_op_type_configs(),
+                                            op_name_configs=named)
+    return configs
+
+
+def compress_package(package: Path, scheme: Scheme, out: Path, component: str = "",
+                     calibration: Calibration | None = None) -> CompressedComponent:
+    """Write ``package`` compressed with ``scheme`` to ``out``. A ``none`` scheme copies nothing:
+    the caller keeps the original package.
+
+    A mixed-bit palettization with a target (not a stored recipe) is analysed here on
+    ``calibration``; the recipe it builds is saved beside ``out`` as ``<out stem>.mixed-bit.json``.
+    """
+    import coremltools as ct
+    from coremltools.optimize.coreml import linear_quantize_weights, palettize_weights, prune_weights
+
+    started = time.perf_counter()
+    mixed = None
+    if scheme.palettize and scheme.palettize.mixed:
+        mixed = mixed_recipe(package, scheme, component, calibration)
+        if scheme.palettize.mixed.recipe is None:
+            mixed.save(out.with_name(out.stem + ".mixed-bit.json"))
+    configs = stage_configs(package, scheme, mixed)
+    model = ct.models.MLModel(str(package), skip_model_load=True)
+    if "prune" in configs:
+        model = prune_weights(model, configs["prune"])
+    if "palettize" in configs:
         # Pruned weights keep their sparsity under palettization only with joint compression (iOS18).
-        model = palettize_weights(
-            model, config(palettizer_config(scheme.palettize, threshold)), joint_compression=bool(scheme.prune)
-        )
-    if scheme.quantize:
-        model = linear_quantize_weights(model, config(quantizer_config(scheme.quantize, threshold)))
+        model = palettize_weights(model, configs["palettize"], joint_compression="prune" in configs)
+    if "quantize" in configs:
+        model = linear_quantize_weights(model, configs["quantize"])
     model.save(str(out))
     return CompressedComponent(out, time.perf_counter() - started)

@@ -164,7 +164,7 @@ class _LocalFile:
 
 
 @dataclass
-class _Context:
+class HubCall:
     """What an error message needs: where we are in the publish, and the secret it must never show."""
 
     repo_id: str
@@ -245,9 +245,9 @@ def push_folder(
         raise PublisherError(f"{folder}: nothing to publish, the folder holds no file")
     target = revision or "main"
     api = HfApi(endpoint=endpoint, token=token, library_name="coreml-publisher")
-    ctx = _Context(repo_id=repo_id, revision=target, endpoint=api.endpoint, secret=token or get_token())
+    ctx = HubCall(repo_id=repo_id, revision=target, endpoint=api.endpoint, secret=token or get_token())
 
-    with nullcontext() if progress else disable_progress_bars(), _hub_errors(ctx):
+    with nullcontext() if progress else disable_progress_bars(), hub_errors(ctx):
         if not dry_run:
             ctx.step = "create the repo"
             api.create_repo(repo_id, private=private, exist_ok=True)
@@ -359,7 +359,7 @@ def _scan(folder: Path) -> dict[str, _LocalFile]:
 
 
 def _read_remote(
-    api: HfApi, ctx: _Context, revision: str | None, *, create_branch: bool
+    api: HfApi, ctx: HubCall, revision: str | None, *, create_branch: bool
 ) -> tuple[str | None, dict[str, RepoFile]]:
     """The head of the target revision and its files, listed at that commit so both come from one state."""
     ctx.step = "read the current head"
@@ -496,7 +496,7 @@ def _human_size(size: int) -> str:
 
 
 @contextmanager
-def _hub_errors(ctx: _Context) -> Iterator[None]:
+def hub_errors(ctx: HubCall) -> Iterator[None]:
     """Turn the client's HTTP and network exceptions into one-line `HubError`s; let real bugs through."""
     try:
         yield
@@ -509,7 +509,7 @@ def _hub_errors(ctx: _Context) -> Iterator[None]:
         raise HubError(_redact(message, ctx.secret)) from err
 
 
-def _describe(err: BaseException, ctx: _Context) -> str | None:
+def _describe(err: BaseException, ctx: HubCall) -> str | None:
     """The one-line message for a failure of the Hub or of the network, or None for anything else."""
     if isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err):
         reasons = "; ".join(line.lstrip("- ") for line in str(err).splitlines()[1:] if line.strip())
@@ -540,7 +540,7 @@ def _describe(err: BaseException, ctx: _Context) -> str | None:
     return None
 
 
-def _describe_status(status: int, server_message: str, url: str, ctx: _Context, err: Exception | None) -> str:
+def _describe_status(status: int, server_message: str, url: str, ctx: HubCall, err: Exception | None) -> str:
     step = _step_from_url(url) or ctx.step
     host = urlsplit(ctx.endpoint).netloc or ctx.endpoint
     namespace = ctx.repo_id.split("/")[0]

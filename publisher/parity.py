@@ -70,7 +70,7 @@ def _runner(package: Path, backend: str, component: str) -> Callable[[Inputs], d
 
 
 def tokenize(source: LoadedSource, prompts: list[str]) -> list[np.ndarray]:
-    tokenizer = source.pipe.tokenizer
+    tokenizer = source.tokenizer
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="np").input_ids
     return [row[None].astype(np.float32) for row in ids]
@@ -108,29 +108,17 @@ def component_inputs(recipe: Recipe, source: LoadedSource, component: str) -> li
     prompts = list(recipe.card.prompts)
     if component in ("text_encoder", "text_encoder_2"):
         return [{"input_ids": ids} for ids in tokenize(source, prompts)]
-    if component == "unet":
-        batch = shapes["sample"][0]
-        # Unconditional first, as classifier-free guidance batches them.
-        embeddings, pooled = _text_conditioning(source, [""] + prompts[: max(batch - 1, 1)])
-        embeddings = np.resize(embeddings, shapes["encoder_hidden_states"]).astype(np.float32)
-        scheduler = copy.deepcopy(source.pipe.scheduler)
-        scheduler.set_timesteps(max(recipe.parity.image_steps, UNET_TIMESTEP_SAMPLES))
-        timesteps = scheduler.timesteps.numpy()
-        picks = timesteps[np.linspace(0, len(timesteps) - 1, UNET_TIMESTEP_SAMPLES).round().astype(int)]
-        cases = []
-        for timestep in picks:
-            case = {
-                "sample": generator.standard_normal(shapes["sample"]).astype(np.float32),
-                "timestep": np.full(shapes["timestep"], float(timestep), dtype=np.float32),
-                "encoder_hidden_states": embeddings,
-            }
-            if "time_ids" in shapes:
-                size = image_size(recipe, source)
-                case["time_ids"] = np.tile(np.array([size, size, 0, 0, size, size], np.float32),
-                                           (batch, 1))
-                case["text_embeds"] = np.resize(pooled, shapes["text_embeds"]).astype(np.float32)
-            cases.append(case)
-        return cases
+    if component in ("unet", "control_unet", "controlnet"):
+        cases = _denoiser_cases(recipe, source, shapes, generator)
+        for case in cases:
+            # ControlNet images are in [0, 1]; residuals are small corrections to the UNet's skips.
+            for name, shape in shapes.items():
+                if name == "controlnet_cond":
+                    case[name] = generator.uniform(0, 1, shape).astype(np.float32)
+                elif name.startswith("additional_residual_"):
+                    case[name] = (0.1 * generator.standard_normal(shape)).astype(np.float32)
+        # The torch reference takes its inputs positionally, in the package's order.
+        return [{spec.name: case[spec.name] for spec in io.inputs} for case in cases]
     if component == "vae_decoder":
         scaling = source.pipe.vae.config.scaling_factor
         return [{"z": (generator.standard_normal(shapes["z"]) / scaling).astype(np.float32)}]
@@ -141,6 +129,34 @@ def component_inputs(recipe: Recipe, source: LoadedSource, component: str) -> li
         image = np.stack([np.sin(6 * x), np.cos(5 * y), np.sin(4 * (x + y))])[None]
         return [{"x": image.astype(np.float32)}]
     raise ValueError(f"unknown component {component!r}")
+
+
+def _denoiser_cases(recipe: Recipe, source: LoadedSource, shapes: dict[str, tuple[int, ...]],
+                    generator: np.random.Generator) -> list[Inputs]:
+    """Latents at timesteps early, mid and late in the schedule, conditioned on the recipe's prompts."""
+    batch = shapes["sample"][0]
+    # Unconditional first, as classifier-free guidance batches them.
+    embeddings, pooled = _text_conditioning(source, [""] + list(recipe.card.prompts)[: max(batch - 1, 1)])
+    embeddings = np.resize(embeddings, shapes["encoder_hidden_states"]).astype(np.float32)
+    scheduler = copy.deepcopy(source.pipe.scheduler)
+    scheduler.set_timesteps(max(recipe.parity.image_steps, UNET_TIMESTEP_SAMPLES))
+    timesteps = scheduler.timesteps.numpy()
+    picks = timesteps[np.linspace(0, len(timesteps) - 1, UNET_TIMESTEP_SAMPLES).round().astype(int)]
+    size = image_size(recipe, source)
+    # SDXL base: original size, crop corner, target size; the refiner: size, crop, aesthetic score.
+    time_ids = {6: [size, size, 0, 0, size, size], 5: [size, size, 0, 0, 6.0]}
+    cases = []
+    for timestep in picks:
+        case = {
+            "sample": generator.standard_normal(shapes["sample"]).astype(np.float32),
+            "timestep": np.full(shapes["timestep"], float(timestep), dtype=np.float32),
+            "encoder_hidden_states": embeddings,
+        }
+        if "time_ids" in shapes:
+            case["time_ids"] = np.tile(np.array(time_ids[shapes["time_ids"][1]], np.float32), (batch, 1))
+            case["text_embeds"] = np.resize(pooled, shapes["text_embeds"]).astype(np.float32)
+        cases.append(case)
+    return cases
 
 
 # ---------------------------------------------------------------------------------------------

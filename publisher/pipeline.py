@@ -35,7 +35,7 @@ from publisher.report import (
 )
 from publisher.source import LoadedSource, load_source
 
-ATTENTION_COMPONENTS = ("unet",)
+ATTENTION_COMPONENTS = ("unet", "control_unet", "controlnet")
 PACKAGE = "model.mlpackage"
 COST = "cost.json"
 
@@ -180,7 +180,7 @@ def build_variants(run: Run) -> Build:
         reports = []
         for component in recipe.conversion.components:
             built = build_component(run, variant, component)
-            relative = package_path(variant.folder_name, recipe.model_version, component)
+            relative = package_path(variant.folder_name, recipe, component)
             build.packages[relative] = built.package
             build.by_variant.setdefault(variant.folder_name, {})[component] = built.package
             reports.append(component_report(recipe, built, relative, variant))
@@ -201,7 +201,7 @@ def build_component(run: Run, variant: Variant, component: str) -> BuiltComponen
     attention = variant.attention if component in ATTENTION_COMPONENTS else "original"
 
     def convert(folder: Path) -> None:
-        converted = convert_component(recipe, run.source, component, folder / PACKAGE)
+        converted = convert_component(recipe, run.source, component, folder / PACKAGE, attention)
         (folder / "meta.json").write_text(json.dumps({"parameters": converted.parameters,
                                                        "seconds": converted.seconds}))
 
@@ -274,7 +274,7 @@ def weights_bytes(package: Path) -> int:
 
 def component_report(recipe: Recipe, built: BuiltComponent, relative: str, variant: Variant) -> ComponentReport:
     fp16_bytes = weights_bytes(built.converted)
-    if recipe.conversion.precision == "float32":
+    if recipe.conversion.precision_for(built.component) == "float32":
         fp16_bytes //= 2
     compressed_bytes = weights_bytes(built.package)
     return ComponentReport(

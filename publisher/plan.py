@@ -10,7 +10,7 @@ from publisher.recipe import Recipe, Scheme, load_recipe
 from publisher.source import inspect_source
 
 _MODEL_FOLDER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
-                 "vae_decoder": "vae", "vae_encoder": "vae"}
+                 "control_unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 
 
 def bits_per_weight(scheme: Scheme) -> float:
@@ -26,11 +26,11 @@ def bits_per_weight(scheme: Scheme) -> float:
     return bits
 
 
-def count_parameters(model_folder: Path, component: str) -> int | None:
+def count_parameters(model_folder: Path | None, component: str) -> int | None:
     """Instantiate the component on the meta device from its config: exact counts, no memory."""
-    config_file = model_folder / "config.json"
-    if not config_file.is_file():
+    if model_folder is None or not (model_folder / "config.json").is_file():
         return None
+    config_file = model_folder / "config.json"
     import diffusers
     import transformers
     from accelerate import init_empty_weights
@@ -53,6 +53,15 @@ def count_parameters(model_folder: Path, component: str) -> int | None:
     return sum(parameter.numel() for part in parts if part is not None for parameter in part.parameters())
 
 
+def model_folder(recipe: Recipe, component: str) -> Path | None:
+    """The local folder holding the component's config, when the recipe's sources are local."""
+    if component == "controlnet":
+        return recipe.source.controlnet.path
+    if component.startswith("vae_") and recipe.source.vae is not None:
+        return recipe.source.vae.path
+    return recipe.source.path / _MODEL_FOLDER[component] if recipe.source.path else None
+
+
 def describe_plan(recipe_file: str | Path) -> str:
     recipe: Recipe = load_recipe(recipe_file)
     info = inspect_source(recipe)
@@ -71,11 +80,11 @@ def describe_plan(recipe_file: str | Path) -> str:
     for variant in recipe.variants:
         for component in recipe.conversion.components:
             scheme = recipe.compression.for_component(component)
-            params = count_parameters(source.path / _MODEL_FOLDER[component], component) if source.path else None
+            params = count_parameters(model_folder(recipe, component), component)
             size = params * bits_per_weight(scheme) / 8 / 2**20 if params else None
             total += size or 0.0
             lines.append(
-                f"{package_path(variant.folder_name, recipe.model_version, component):<80} "
+                f"{package_path(variant.folder_name, recipe, component):<80} "
                 f"{scheme.describe():<40} {params if params is not None else '?':>12} "
                 + (f"{'≈' + format(size, '.1f') + ' MiB':>10}" if size is not None else f"{'?':>10}")
             )

@@ -156,13 +156,54 @@ class Conversion(_Strict):
         return self.precision
 
 
+class MixedBits(_Strict):
+    """Mixed-bit palettization (publisher/mixed_bit.py): per-layer nbits for a target, or a stored recipe."""
+
+    target_bits: Annotated[float, Field(ge=1, le=8)] | None = None
+    target_psnr: Annotated[float, Field(gt=0, le=200)] | None = None
+    recipe: Path | None = None
+    candidates: tuple[Literal[1, 2, 4, 6, 8], ...] = (1, 2, 4, 6, 8)
+    groups: Annotated[int, Field(ge=1, le=256)] = 8
+
+    @model_validator(mode="after")
+    def _one_target(self) -> MixedBits:
+        given = [self.target_bits is not None, self.target_psnr is not None, self.recipe is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of 'target_bits', 'target_psnr' or 'recipe'")
+        if len(set(self.candidates)) < 2:
+            raise ValueError("list at least two distinct candidate nbits")
+        if self.target_bits is not None and not min(self.candidates) <= self.target_bits <= max(self.candidates):
+            raise ValueError(
+                f"target_bits {self.target_bits:g} is outside the candidates' range"
+                f" {min(self.candidates)}-{max(self.candidates)}"
+            )
+        return self
+
+
 class Palettize(_Strict):
     """k-means (or uniform) look-up-table compression, decompressed just in time by Core ML."""
 
-    nbits: Literal[1, 2, 3, 4, 6, 8]
+    nbits: Literal[1, 2, 3, 4, 6, 8] | None = None
+    mixed: MixedBits | None = None
     mode: Literal["kmeans", "uniform"] = "kmeans"
     granularity: Literal["per_tensor", "per_grouped_channel"] = "per_tensor"
     group_size: Annotated[int, Field(ge=1, le=4096)] = 16
+
+    @model_validator(mode="after")
+    def _bits(self) -> Palettize:
+        if (self.nbits is None) == (self.mixed is None):
+            raise ValueError("give exactly one of 'nbits' or 'mixed'")
+        if self.mixed and (self.mode != "kmeans" or self.granularity != "per_tensor"):
+            raise ValueError("'mixed' is per_tensor kmeans only")
+        return self
+
+    def describe(self) -> str:
+        if self.mixed is None:
+            return f"{self.nbits}-bit {self.mode}"
+        mixed = self.mixed
+        target = (f"{mixed.target_bits:g} bits" if mixed.target_bits is not None
+                  else f"{mixed.target_psnr:g} dB" if mixed.target_psnr is not None else f"recipe {mixed.recipe.name}")
+        return f"mixed-bit ({target})"
 
 
 class Quantize(_Strict):
@@ -188,6 +229,34 @@ class Prune(_Strict):
         return self
 
 
+class Override(_Strict):
+    """The compression of the weights whose MIL name, or the name of an op reading them, matches ``pattern``
+    (fnmatch). ``skip: true`` leaves them float; otherwise the stages given replace the component's."""
+
+    pattern: Annotated[str, Field(min_length=1, max_length=300)]
+    skip: bool = False
+    palettize: Palettize | None = None
+    quantize: Quantize | None = None
+    prune: Prune | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Override:
+        stages = self.palettize or self.quantize or self.prune
+        if self.skip == bool(stages):
+            raise ValueError("give 'skip: true' or at least one of 'palettize', 'quantize', 'prune'")
+        if self.palettize and self.palettize.mixed:
+            raise ValueError("'mixed' applies to a whole component, not to an override")
+        if self.palettize and self.quantize:
+            raise ValueError("choose 'palettize' or 'quantize', not both")
+        if self.quantize and self.prune:
+            raise ValueError("'prune' combines with 'palettize' only, not with 'quantize'")
+        return self
+
+    def stages(self) -> Scheme:
+        """The override as a scheme of its own (validated like one)."""
+        return Scheme(palettize=self.palettize, quantize=self.quantize, prune=self.prune)
+
+
 class Scheme(_Strict):
     """The compression of one component. ``none`` in YAML is an empty scheme."""
 
@@ -195,6 +264,8 @@ class Scheme(_Strict):
     quantize: Quantize | None = None
     prune: Prune | None = None
     weight_threshold: Annotated[int, Field(ge=0)] = 2048
+    # Later entries win where several patterns match one weight.
+    overrides: tuple[Override, ...] = ()
 
     @model_validator(mode="after")
     def _compatible(self) -> Scheme:
@@ -206,7 +277,7 @@ class Scheme(_Strict):
 
     @property
     def is_none(self) -> bool:
-        return not (self.palettize or self.quantize or self.prune)
+        return not (self.palettize or self.quantize or self.prune or any(not o.skip for o in self.overrides))
 
     @property
     def min_opset(self) -> int:
@@ -216,7 +287,7 @@ class Scheme(_Strict):
             or (self.palettize and self.palettize.granularity == "per_grouped_channel")
             or (self.quantize and (self.quantize.nbits == 4 or self.quantize.granularity == "per_block"))
         )
-        return 18 if needs_18 else 16
+        return max([18 if needs_18 else 16, *(o.stages().min_opset for o in self.overrides if not o.skip)])
 
     def describe(self) -> str:
         """One human-readable line, used by `plan`, the report and the card."""
@@ -230,10 +301,12 @@ class Scheme(_Strict):
                 if self.palettize.granularity == "per_grouped_channel"
                 else ""
             )
-            parts.append(f"palettize {self.palettize.nbits}-bit {self.palettize.mode}{grouped}")
+            parts.append(f"palettize {self.palettize.describe()}{grouped}")
         if self.quantize:
             block = f", blocks of {self.quantize.block_size}" if self.quantize.granularity == "per_block" else ""
             parts.append(f"quantize {self.quantize.nbits}-bit linear {self.quantize.granularity}{block}")
+        if self.overrides:
+            parts.append(f"{len(self.overrides)} override{'s' if len(self.overrides) > 1 else ''}")
         return " + ".join(parts) or "none"
 
 
@@ -471,7 +544,16 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     source = source.model_copy(update=extras)
     if card.template is not None and not card.template.is_absolute():
         card = card.model_copy(update={"template": (base / card.template).resolve()})
-    return recipe.model_copy(update={"source": source, "card": card})
+    compression = recipe.compression
+    for component in COMPONENTS:
+        palettize = compression.for_component(component).palettize
+        mixed = palettize.mixed if palettize else None
+        if palettize and mixed and mixed.recipe is not None and not mixed.recipe.is_absolute():
+            mixed = mixed.model_copy(update={"recipe": (base / mixed.recipe).resolve()})
+            scheme = compression.for_component(component)
+            scheme = scheme.model_copy(update={"palettize": palettize.model_copy(update={"mixed": mixed})})
+            compression = compression.model_copy(update={component: scheme})
+    return recipe.model_copy(update={"source": source, "card": card, "compression": compression})
 
 
 def _cross_check(recipe: Recipe, data: dict[str, Any]) -> tuple[tuple[Any, ...], str] | None:
@@ -507,6 +589,9 @@ def _cross_check(recipe: Recipe, data: dict[str, Any]) -> tuple[tuple[Any, ...],
             )
         if scheme.palettize and scheme.palettize.mode == "uniform" and scheme.palettize.granularity != "per_tensor":
             return ("compression", component, "palettize", "granularity"), "uniform mode is per_tensor only"
+        mixed = scheme.palettize.mixed if scheme.palettize else None
+        if mixed and mixed.recipe is not None and not mixed.recipe.is_file():
+            return ("compression", component, "palettize", "mixed", "recipe"), f"{mixed.recipe} does not exist"
     for component in recipe.parity.per_component:
         if component not in converted:
             return ("parity", "per_component", component), "is not listed in conversion.components"

@@ -131,29 +131,28 @@ def load_source(recipe: Recipe, models: tuple[str, ...] | None = None) -> Loaded
         return models is None or name in models
 
     location = _location(source)
+    model_index = _model_index(location, source.revision)
     given = {name: _empty_model(class_name, location, source.revision, name)
-             for name, class_name in _pipeline_models(location, source.revision).items() if not wanted(name)}
+             for name, class_name in _torch_models(model_index).items() if not wanted(name)}
+    if "safety_checker" in model_index:  # never converted; only SD 1.x/2.x pipelines name one
+        given["safety_checker"] = None
     if source.vae is not None:
-        given["vae"] = (_load_model if wanted("vae") else _empty_model)("AutoencoderKL", _location(source.vae),
-                                                                       source.vae.revision)
+        load = _load_model if wanted("vae") else _empty_model
+        given["vae"] = load("AutoencoderKL", _location(source.vae), source.vae.revision)
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            location, revision=source.revision, torch_dtype=torch.float32, safety_checker=None, **given
+            location, revision=source.revision, torch_dtype=torch.float32, **given
         )
     except OSError as exc:
-        raise PublisherError(f"cannot load the source pipeline {location}: {str(exc).splitlines()[0]}") from None
+        raise _load_error("the source pipeline", location, exc) from None
     controlnet = None
     if source.controlnet is not None:
-        controlnet = (_load_model if wanted("controlnet") else _empty_model)(
-            "ControlNetModel", _location(source.controlnet), source.controlnet.revision
-        )
+        load = _load_model if wanted("controlnet") else _empty_model
+        controlnet = load("ControlNetModel", _location(source.controlnet), source.controlnet.revision)
     license_id = info.license
     if source.repo is not None:
         license_id = _hub_license(source.repo, source.revision)
-        index = {name: True for name in pipe.components}
-        family = source.family or detect_family(
-            {**index, "_class_name": type(pipe).__name__}, dict(pipe.unet.config)
-        )
+        family = source.family or detect_family(model_index, dict(pipe.unet.config))
         _check_components(recipe, tuple(name for name, value in pipe.components.items() if value is not None), family)
     else:
         family = info.family or "sd1"
@@ -181,7 +180,7 @@ def _load_model(class_name: str, location: str, revision: str | None) -> Any:
     try:
         return _model_class(class_name).from_pretrained(location, revision=revision, torch_dtype=torch.float32)
     except OSError as exc:
-        raise PublisherError(f"cannot load the {class_name} {location}: {str(exc).splitlines()[0]}") from None
+        raise _load_error(f"the {class_name}", location, exc) from None
 
 
 def _empty_model(class_name: str, location: str, revision: str | None, subfolder: str | None = None) -> Any:
@@ -197,17 +196,28 @@ def _empty_model(class_name: str, location: str, revision: str | None, subfolder
                 return cls(config)
         config = cls.load_config(location, subfolder=subfolder, revision=revision)
     except OSError as exc:
-        raise PublisherError(f"cannot read the {class_name} config in {location}: {str(exc).splitlines()[0]}") from None
+        raise _load_error(f"the {class_name} config of", location, exc) from None
     with init_empty_weights():
         return cls.from_config(config)
 
 
-def _pipeline_models(location: str, revision: str | None) -> dict[str, str]:
-    """The pipeline's torch models (not schedulers or tokenizers), name -> class name, from model_index.json."""
-    import torch
+def _model_index(location: str, revision: str | None) -> dict[str, Any]:
     from diffusers import DiffusionPipeline
 
-    index = DiffusionPipeline.load_config(location, revision=revision)
+    try:
+        return DiffusionPipeline.load_config(location, revision=revision)
+    except OSError as exc:
+        raise _load_error("the source pipeline", location, exc) from None
+
+
+def _load_error(what: str, location: str, exc: OSError) -> PublisherError:
+    return PublisherError(f"cannot load {what} {location}: {str(exc).splitlines()[0]}")
+
+
+def _torch_models(index: dict[str, Any]) -> dict[str, str]:
+    """The pipeline's torch models (not schedulers or tokenizers), name -> class name."""
+    import torch
+
     models = {}
     for name, spec in index.items():
         if isinstance(spec, list) and spec[0] in ("diffusers", "transformers") and spec[1] is not None:

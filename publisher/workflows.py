@@ -37,7 +37,7 @@ from publisher.cache import hash_path
 from publisher.card import SWIFT_RESOURCES, format_bytes, write_card
 from publisher.device import DEVICE_RESULTS_NAME, DeviceResults, DeviceRun, read_device_results
 from publisher.errors import HubError, ParityError, PublisherError, RecipeError
-from publisher.hub import PushResult, _Context, _hub_errors, format_operations, format_summary, push_folder
+from publisher.hub import HubCall, PushResult, format_operations, format_summary, hub_errors, push_folder
 from publisher.recipe import Recipe, load_recipe
 from publisher.report import ParityResult, PublishReport
 
@@ -374,9 +374,9 @@ def fetch_published(repo_id: str, revision: str | None, folder: Path, *, endpoin
         raise PublisherError(f"{folder} is not empty: bench-device downloads into a new folder, so that no stale"
                              " file is pushed back")
     api = HfApi(endpoint=endpoint)
-    ctx = _Context(repo_id=repo_id, revision=revision or "main", endpoint=api.endpoint, secret=get_token(),
+    ctx = HubCall(repo_id=repo_id, revision=revision or "main", endpoint=api.endpoint, secret=get_token(),
                    step="read the published revision")
-    with _hub_errors(ctx):
+    with hub_errors(ctx):
         commit = api.model_info(repo_id, revision=revision).sha
         if commit is None:
             raise HubError(f"the Hub at {api.endpoint} returned no head commit for {repo_id}@{ctx.revision}")
@@ -394,9 +394,9 @@ def push_results(folder: Path, repo_id: str, fetched: str | None, options: PushO
     target = options.revision or "main"
     if fetched is not None:
         api = HfApi(endpoint=endpoint)
-        ctx = _Context(repo_id=repo_id, revision=target, endpoint=api.endpoint, secret=get_token(),
+        ctx = HubCall(repo_id=repo_id, revision=target, endpoint=api.endpoint, secret=get_token(),
                        step="read the current head")
-        with _hub_errors(ctx):
+        with hub_errors(ctx):
             head = api.model_info(repo_id, revision=options.revision).sha
         if head != fetched:
             raise HubError(

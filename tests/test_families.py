@@ -4,6 +4,7 @@ converting one component per process."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from publisher.convert import (
 )
 from publisher.errors import RecipeError
 from publisher.parity import psnr
+from publisher.plan import count_parameters
 from publisher.recipe import Recipe, load_recipe
 from publisher.source import LoadedSource, load_source
 from publisher.synthetic import build_pipeline
@@ -58,6 +60,37 @@ def parity_db(recipe: Recipe, source: LoadedSource, component: str, package: Pat
     reference = reference if isinstance(reference, tuple) else (reference,)
     outputs = executor.run(package, {spec.name: x.numpy() for spec, x in zip(io.inputs, case, strict=True)})
     return min(psnr(r.numpy(), outputs[name]) for name, r in zip(io.outputs, reference, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-size architecture configs
+
+
+# Parameter counts of the real checkpoints' models, as their architectures define them.
+PUBLISHED_PARAMETERS = {
+    "sd15": {"text_encoder": 123_060_480, "unet": 859_520_964, "vae": 83_653_863},
+    "sd21-base": {"text_encoder": 340_387_840, "unet": 865_910_724, "vae": 83_653_863},
+    "sdxl-base": {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "unet": 2_567_463_684,
+                  "vae": 83_653_863},
+    "sdxl-refiner": {"text_encoder_2": 694_659_840, "unet": 2_259_526_660, "vae": 83_653_863},
+    "sdxl-turbo": {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "unet": 2_567_463_684,
+                   "vae": 83_653_863},
+}
+
+
+@pytest.mark.parametrize("family", list(PUBLISHED_PARAMETERS))
+def test_full_size_configs_build_the_published_architectures(family):
+    folder = CONFIGS / family
+    index = json.loads((folder / "model_index.json").read_text())
+    models = {name for name, spec in index.items() if isinstance(spec, list) and spec[0] and "Tokenizer" not in spec[1]
+              and "Scheduler" not in spec[1]}
+    assert models == set(PUBLISHED_PARAMETERS[family])
+    counts = {name: count_parameters(folder / name, name) for name in models}  # on the meta device: no memory
+    assert counts == PUBLISHED_PARAMETERS[family]
+
+
+def test_controlnet_config_builds_the_published_architecture():
+    assert count_parameters(CONFIGS / "controlnet-sd15", "controlnet") == 361_279_120
 
 
 # ---------------------------------------------------------------------------------------------

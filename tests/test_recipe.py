@@ -339,12 +339,6 @@ BAD = [
         "text_encoder_2 exists only in sdxl",
     ),
     (
-        "split-einsum-not-yet",
-        VALID + "variants:\n  - attention: split_einsum_v2\n",
-        13,
-        "variants.0.attention: 'split_einsum_v2' is not supported yet",
-    ),
-    (
         "private-not-bool",
         VALID.replace("repo: me/ok", "repo: me/ok\n  private: perhaps"),
         6,

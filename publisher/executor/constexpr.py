@@ -227,7 +227,7 @@ def _cast(a: Mapping[str, Any]) -> torch.Tensor:
     return cast(a["source_val"], a["output_dtype"])
 
 
-Decompressor = Callable[[Mapping[str, Any]], "torch.Tensor | tuple[torch.Tensor, ...]"]
+Decompressor = Callable[[Mapping[str, Any]], torch.Tensor | tuple[torch.Tensor, ...]]
 
 DECOMPRESSORS: dict[str, Decompressor] = {
     "constexpr_lut_to_dense": _lut_to_dense,

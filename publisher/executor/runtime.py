@@ -51,9 +51,10 @@ def _resolve(ref: Any, env: dict[str, torch.Tensor]) -> Any:
 
 
 def _output_array(tensor: torch.Tensor, spec: TensorSpec) -> np.ndarray:
+    # Always a copy: an output may be a view of a constant or of the caller's input array.
     if tensor.is_floating_point():
-        return tensor.float().numpy()
-    return tensor.numpy().astype(spec.numpy_dtype, copy=False)
+        return tensor.float().numpy().copy()
+    return tensor.numpy().astype(spec.numpy_dtype)
 
 
 def run(
