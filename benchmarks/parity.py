@@ -84,7 +84,7 @@ def phase_convert(out: Path) -> dict:
     wrapped = _TensorsOnly(_unet()).eval()
     example = tuple(torch.from_numpy(v) for v in _inputs().values())
     with torch.no_grad():
-        traced = torch.jit.trace(wrapped, example, strict=False)
+        traced = torch.jit.trace(wrapped, example, strict=False, check_trace=False)
     model = ct.convert(
         traced,
         inputs=[ct.TensorType(name=k, shape=v.shape) for k, v in _inputs().items()],
@@ -188,9 +188,14 @@ def main() -> None:
     rows = [
         ("torch eager (fp32 weights)", "-", reference["forward"], reference["rss"], "-", "-"),
         *[
-            (f"executor fp16 package, {mode} mode", f"{executor['load']:.1f}", executor[mode]["forward"],
-             executor["rss"], f"{executor[mode]['forward'] / reference['forward']:.2f}x",
-             f"{executor[mode]['psnr']:.1f}")
+            (
+                f"executor fp16 package, {mode} mode",
+                f"{executor['load']:.1f}",
+                executor[mode]["forward"],
+                executor["rss"],
+                f"{executor[mode]['forward'] / reference['forward']:.2f}x",
+                f"{executor[mode]['psnr']:.1f}",
+            )
             for mode in ("fp32", "fp16")
         ],
     ]
@@ -200,9 +205,14 @@ def main() -> None:
             print(f"palettized 6-bit in {palettized['seconds']:.0f} s (peak {palettized['rss']:.1f} GiB)")
         pal = _subprocess("executor", str(six_bit), repeats, "fp32")
         rows.append(
-            (f"executor 6-bit package, fp32 mode (decompress {pal['decompress']:.1f} s)", f"{pal['load']:.1f}",
-             pal["fp32"]["forward"], pal["rss"], f"{pal['fp32']['forward'] / reference['forward']:.2f}x",
-             f"{pal['fp32']['psnr']:.1f}")
+            (
+                f"executor 6-bit package, fp32 mode (decompress {pal['decompress']:.1f} s)",
+                f"{pal['load']:.1f}",
+                pal["fp32"]["forward"],
+                pal["rss"],
+                f"{pal['fp32']['forward'] / reference['forward']:.2f}x",
+                f"{pal['fp32']['psnr']:.1f}",
+            )
         )
     print("\nSD 1.5 UNet, random weights, latents 2x4x64x64, 77 tokens; median of", repeats, "forwards")
     print("| run | load (s) | forward (s) | peak RSS (GiB) | executor / torch | PSNR vs torch (dB) |")

@@ -92,6 +92,12 @@ def palettizer_config(palettize: Palettize, weight_threshold: int):
     if palettize.mixed is not None:
         raise ValueError("a mixed-bit palettization has no single config: see compress_package")
     grouped = palettize.granularity == "per_grouped_channel"
+    if palettize.mode == "kmeans":
+        # Our exact 1-D k-means through coremltools' custom LUT hook: same constexpr ops and packing,
+        # a fraction of the time of coremltools' own k-means (benchmarks/palettize.py).
+        return palettize_config(palettize.nbits, granularity=palettize.granularity,
+                                group_size=palettize.group_size if grouped else None,
+                                weight_threshold=weight_threshold)
     return OpPalettizerConfig(
         mode=palettize.mode,
         nbits=palettize.nbits,

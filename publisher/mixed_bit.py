@@ -85,6 +85,9 @@ class Analysis:
     """Output MSE of the uncompressed package against the reference."""
     peak: float
     """max|reference| of the worst calibration output (PSNR's numerator)."""
+    luts: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)
+    """(layer, nbits) -> the LUT k-means found: re-assigning indices from it is far cheaper than
+    clustering again, and gives the same indices."""
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -203,9 +206,10 @@ class _Weights:
         return executor.run(self.program, inputs, mode="fp32")
 
 
-def _quantized(weight: np.ndarray, nbits: int) -> np.ndarray:
-    lut, indices = palettize(weight, nbits)
-    return lut[indices].reshape(weight.shape)
+def _from_lut(weight: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    # Nearest entry of the LUT as stored, ties to the lower one: palettize()'s own assignment.
+    stored = lut.astype(np.float64)
+    return lut[np.searchsorted((stored[:-1] + stored[1:]) / 2, weight.astype(np.float64), side="left")]
 
 
 def eligible_weights(package: Path, weight_threshold: int, exclude: Iterable[str] = ()) -> list[tuple[str, int]]:
@@ -235,35 +239,36 @@ def analyze(package: Path, calib: Calibration, weight_threshold: int = 2048,
     loaded = time.perf_counter()
 
     sse = np.zeros((len(layers), len(widths)))
-    at_reference: dict[str, np.ndarray] = {}
+    luts: dict[tuple[str, int], np.ndarray] = {}
     for i, layer in enumerate(layers):
         original = weights.original[layer.name]
         for j, nbits in enumerate(widths):
-            quantized = _quantized(original, nbits)
-            sse[i, j] = float(np.sum((quantized.astype(np.float64) - original) ** 2))
-            if nbits == REFERENCE_NBITS:
-                at_reference[layer.name] = quantized
+            lut, indices = palettize(original, nbits)
+            luts[layer.name, nbits] = lut
+            sse[i, j] = float(np.sum((lut[indices].astype(np.float64) - original.reshape(-1)) ** 2))
     # Fewer bits are never assumed better: keeps every greedy move's predicted cost >= 0.
     sse = np.maximum.accumulate(sse, axis=1)
     clustered = time.perf_counter()
 
     probe = calib.inputs[0]
-    fp = weights.run(probe)
-    base_mse = max(_mse(weights.run(case), ref) for case, ref in zip(calib.inputs, calib.references, strict=True))
+    stored = [weights.run(case) for case in calib.inputs]
+    fp = stored[0]
+    base_mse = max(_mse(out, ref) for out, ref in zip(stored, calib.references, strict=True))
     peak = min(max(float(np.abs(v).max()) for v in ref.values()) for ref in calib.references)
     gains = np.zeros(len(layers))
     ref_column = widths.index(REFERENCE_NBITS)
     for group in sorted({layer.group for layer in layers}):
         members = [i for i, layer in enumerate(layers) if layer.group == group]
         for i in members:
-            weights.set(layers[i].name, at_reference[layers[i].name])
+            name = layers[i].name
+            weights.set(name, _from_lut(weights.original[name], luts[name, REFERENCE_NBITS]))
         group_mse = _mse(weights.run(probe), fp)
         weights.reset(layers[i].name for i in members)
         total = sse[members, ref_column].sum()
         gains[members] = group_mse / total if total > 0 else 0.0
     keep = [j for j, nbits in enumerate(widths) if nbits in set(candidates)]
     done = time.perf_counter()
-    return Analysis(layers, tuple(widths[j] for j in keep), sse[:, keep], gains, base_mse, peak,
+    return Analysis(layers, tuple(widths[j] for j in keep), sse[:, keep], gains, base_mse, peak, luts,
                     {"load": loaded - started, "kmeans": clustered - loaded, "gains": done - clustered,
                      "total": done - started})
 
@@ -309,17 +314,20 @@ def _pick(analysis: Analysis, path: list[np.ndarray], target_bits: float | None,
     return best
 
 
-def measure(package: Path, calib: Calibration, layers: Mapping[str, int]) -> float:
+def measure(package: Path, calib: Calibration, layers: Mapping[str, int], analysis: Analysis | None = None) -> float:
     """Worst PSNR over calibration cases and outputs with ``layers`` palettized, others as stored."""
     weights = _Weights(package, layers)
-    return _measure(weights, calib, layers)
+    return _measure(weights, calib, layers, analysis.luts if analysis else {})
 
 
-def _measure(weights: _Weights, calib: Calibration, layers: Mapping[str, int]) -> float:
+def _measure(weights: _Weights, calib: Calibration, layers: Mapping[str, int],
+             luts: Mapping[tuple[str, int], np.ndarray]) -> float:
     from publisher.parity import psnr
 
     for name, nbits in layers.items():
-        weights.set(name, _quantized(weights.original[name], nbits))
+        original = weights.original[name]
+        lut = luts.get((name, nbits))
+        weights.set(name, _from_lut(original, palettize(original, nbits)[0] if lut is None else lut))
     worst = min(psnr(ref[k], out[k]) for case, ref in zip(calib.inputs, calib.references, strict=True)
                 for out in (weights.run(case),) for k in ref)
     weights.reset(layers)
@@ -338,14 +346,14 @@ def build_recipe(package: Path, calib: Calibration, component: str, *, target_bi
     weights = _Weights(package, [layer.name for layer in analysis.layers])
     aim = target_psnr
     state = _pick(analysis, path, target_bits, aim)
-    measured = _measure(weights, calib, analysis.nbits(state))
+    measured = _measure(weights, calib, analysis.nbits(state), analysis.luts)
     if target_psnr is not None:
         for _ in range(VERIFY_TRIES - 1):
             if measured >= target_psnr or state is path[0]:
                 break
             aim = (aim or target_psnr) + (target_psnr - measured) + 0.1
             state = _pick(analysis, path, None, aim)
-            measured = _measure(weights, calib, analysis.nbits(state))
+            measured = _measure(weights, calib, analysis.nbits(state), analysis.luts)
     target = {"bits": target_bits} if target_bits is not None else {"psnr": target_psnr}
     return MixedBitRecipe(component, analysis.nbits(state), analysis.average_bits(state),
                           round(analysis.predicted_psnr(state), 2), round(measured, 2), target)  # type: ignore[arg-type]

@@ -6,16 +6,21 @@ module clusters the *weighted histogram* of a tensor instead: one ``np.bincount`
 patterns, an optimal-partition search over at most 65,536 sorted points, and one table lookup
 per element for the indices.
 
-The clustering (``kmeans_1d``) solves weighted 1-D k-means on sorted distinct values. Optimal
-1-D k-means partitions the sorted points into contiguous runs, so it is a dynamic program over
-boundary positions; an exact DP costs O(k n log n) sequential steps, which is too slow in numpy
-for 65,536 points. Instead a coarse-to-fine *windowed* DP is used: boundaries start at the
-quantiles of the high-resolution optimal point density (proportional to p(x)^(1/3)), and at each
-resolution level every boundary may move anywhere inside a window around its current position;
-the best joint placement inside the windows is found exactly by a min-plus DP, and the window is
-re-centred until no boundary sits on a window edge. The last level works on individual points.
-Against an exact DP this lands within 1e-4 of the optimal SSE on the distributions tested in
-``tests/test_palettize.py`` (the contract there is 1.001x).
+The clustering (``kmeans_1d``) solves weighted 1-D k-means on the sorted distinct values. An
+optimal partition is a set of contiguous runs, i.e. a dynamic program over boundary positions;
+solving it exactly on 65,536 points takes 0.2-0.4 s per tensor even in compiled code (kmeans1d),
+so the exact solver (the weighted kmeans1d that coremltools 9.0 ships) runs on about 8k
+*micro-bins* instead: runs of points a fraction of an optimal cluster wide, cut by the
+high-resolution optimal point density p(x)^(1/3), which leaves sparse tails as single points.
+That fixes how many clusters each region of the distribution gets. A windowed search then
+refines the boundaries on grids growing 4-fold down to single points: in each pass every
+boundary may move within a window around its position, the best joint placement is an exact
+min-plus DP over the windows, and passes repeat until one gains less than 1e-5 of the SSE; a
+final "migration" pass also lets every boundary jump next to a neighbour or to the best split of
+an adjacent cluster, moving a cluster between regions. Measured against an exact DP: within
+1.0006x of the optimal SSE on normal, Student-t(3), Laplace, uniform, bimodal, discrete and small
+(1k-25k element) tensors at 1-8 bits; within 1.005x on Cauchy tensors. ``tests/test_palettize.py``
+holds the 1.001x contract.
 
 Hook contract (coremltools 9.0, ``palettize_weights.grouped_channelwise_compress``): for every
 weight (per tensor) or every channel group (per grouped channel; the group is the slice of the
@@ -85,9 +90,8 @@ def kmeans_1d(values: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
         k: number of clusters, >= 1.
 
     Returns:
-        The ``min(k, len(values))`` cluster means (float64, ascending). With more points than
-        clusters they come from the partition found by the coarse-to-fine windowed DP described in
-        the module docstring.
+        The ``min(k, len(values))`` cluster means (float64, ascending), from the partition found
+        as described in the module docstring (exact when ``len(values) <= 8 * k``).
     """
     x = np.asarray(values, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)

@@ -61,9 +61,7 @@ def base_models() -> dict[tuple[str, str], object]:
 
 def _palettize(nbits: int, granularity: str = "per_tensor", mode: str = "uniform", **kw):
     def apply(model):
-        config = cto.OpPalettizerConfig(
-            mode=mode, nbits=nbits, granularity=granularity, weight_threshold=512, **kw
-        )
+        config = cto.OpPalettizerConfig(mode=mode, nbits=nbits, granularity=granularity, weight_threshold=512, **kw)
         return cto.palettize_weights(model, cto.OptimizationConfig(global_config=config))
 
     return apply
@@ -74,9 +72,7 @@ def _quantize(dtype: str, mode: str = "linear_symmetric", granularity: str = "pe
         config = cto.OpLinearQuantizerConfig(
             mode=mode, dtype=dtype, granularity=granularity, weight_threshold=512, **kw
         )
-        return cto.linear_quantize_weights(
-            model, cto.OptimizationConfig(global_config=config), joint_compression=joint
-        )
+        return cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=config), joint_compression=joint)
 
     return apply
 
@@ -96,9 +92,7 @@ def _joint(first, second):
 def _palettize_joint(nbits: int, **kw):
     def apply(model, joint: bool = True):
         config = cto.OpPalettizerConfig(mode="uniform", nbits=nbits, weight_threshold=512, **kw)
-        return cto.palettize_weights(
-            model, cto.OptimizationConfig(global_config=config), joint_compression=joint
-        )
+        return cto.palettize_weights(model, cto.OptimizationConfig(global_config=config), joint_compression=joint)
 
     return apply
 
@@ -201,20 +195,14 @@ def test_decompression_is_bit_exact(case, precision, base_models, tmp_path):
 
     program = load_program(package)
     constexpr_ops = [op for op in program.function.operations if op.op_type.startswith("constexpr_")]
-    assert expected_ops <= {op.op_type for op in constexpr_ops}, (
-        "compression did not emit the form under test"
-    )
+    assert expected_ops <= {op.op_type for op in constexpr_ops}, "compression did not emit the form under test"
     for op in constexpr_ops:
         for var, expected in zip(op.outputs, _coremltools_value(op), strict=True):
             ours = program.constants[var.name].numpy()
             if expected.dtype == np.uint8 and ours.dtype == np.bool_:
                 ours = ours.astype(np.uint8)
-            assert ours.dtype == expected.dtype, (
-                f"{op.op_type} {var.name}: dtype {ours.dtype} != {expected.dtype}"
-            )
-            assert ours.shape == expected.shape, (
-                f"{op.op_type} {var.name}: shape {ours.shape} != {expected.shape}"
-            )
+            assert ours.dtype == expected.dtype, f"{op.op_type} {var.name}: dtype {ours.dtype} != {expected.dtype}"
+            assert ours.shape == expected.shape, f"{op.op_type} {var.name}: shape {ours.shape} != {expected.shape}"
             ours_bits, expected_bits = (np.ascontiguousarray(v).view(np.uint8) for v in (ours, expected))
             same_bits = np.array_equal(ours_bits, expected_bits)
             assert same_bits, f"{op.op_type} {var.name} differs"

@@ -82,9 +82,7 @@ def _convert_group(group: str, tmp_dir) -> tuple[Any, dict[str, dict[str, np.nda
     placeholders = {}
     for i, c in enumerate(cases):
         for name, value in c.inputs.items():
-            placeholders[f"c{i}_{name}"] = mb.placeholder(
-                shape=value.shape, dtype=_MIL_DTYPES[value.dtype.type]
-            )
+            placeholders[f"c{i}_{name}"] = mb.placeholder(shape=value.shape, dtype=_MIL_DTYPES[value.dtype.type])
     with Function(placeholders, opset_version=target) as func:
         outputs = []
         for i, c in enumerate(cases):
@@ -416,8 +414,7 @@ for _axis in (1, -1):
         {"x": A * 3},
         lambda x, _axis=_axis: mb.softmax(x=x, axis=_axis),
         lambda x, _axis=_axis: (
-            np.exp(x - x.max(_axis, keepdims=True))
-            / np.exp(x - x.max(_axis, keepdims=True)).sum(_axis, keepdims=True)
+            np.exp(x - x.max(_axis, keepdims=True)) / np.exp(x - x.max(_axis, keepdims=True)).sum(_axis, keepdims=True)
         ),
     )
 
@@ -647,8 +644,7 @@ case(
     {"x": NORM_X},
     lambda x: mb.instance_norm(x=x, gamma=GAMMA_C, beta=BETA_NC, epsilon=1e-4),
     lambda x: (
-        (x - x.mean((2, 3), keepdims=True)) / np.sqrt(x.var((2, 3), keepdims=True) + 1e-4) * _c(GAMMA_C)
-        + _c(BETA_NC)
+        (x - x.mean((2, 3), keepdims=True)) / np.sqrt(x.var((2, 3), keepdims=True) + 1e-4) * _c(GAMMA_C) + _c(BETA_NC)
     ),
 )
 
@@ -895,9 +891,7 @@ case(
     "upsample_bilinear",
     {"x": RES},
     lambda x: mb.upsample_bilinear(x=x, scale_factor_height=2, scale_factor_width=2, align_corners=False),
-    lambda x: F.interpolate(
-        torch.from_numpy(x), scale_factor=2, mode="bilinear", align_corners=False
-    ).numpy(),
+    lambda x: F.interpolate(torch.from_numpy(x), scale_factor=2, mode="bilinear", align_corners=False).numpy(),
 )
 case(
     "iOS16",
@@ -916,9 +910,7 @@ for _mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS", "DEFAULT", "OFFSET_CORNER
         f"resize_bilinear-{_mode}",
         "resize_bilinear",
         {"x": RES},
-        lambda x, _mode=_mode: mb.resize_bilinear(
-            x=x, target_size_height=5, target_size_width=7, sampling_mode=_mode
-        ),
+        lambda x, _mode=_mode: mb.resize_bilinear(x=x, target_size_height=5, target_size_width=7, sampling_mode=_mode),
         lambda x, _g=_g: _lerp_ref(x, _grid(_g, 3, 5), _grid(_g, 4, 7)),
     )
 
@@ -1003,9 +995,7 @@ for _mode in ("update", "add", "sub", "mul", "max", "min"):
         f"scatter-{_mode}",
         "scatter",
         {"data": SD, "updates": randn(len(_idx), 3)},
-        lambda data, updates, _mode=_mode, _idx=_idx: mb.scatter(
-            data=data, indices=_idx, updates=updates, mode=_mode
-        ),
+        lambda data, updates, _mode=_mode, _idx=_idx: mb.scatter(data=data, indices=_idx, updates=updates, mode=_mode),
         lambda data, updates, _mode=_mode, _idx=_idx: _scatter_ref(data, _idx, updates, _mode),
     )
 case(
@@ -1195,9 +1185,7 @@ for _mode, _np_mode in {"constant": "constant", "reflect": "reflect", "replicate
         f"pad-{_mode}",
         "pad",
         {"x": T},
-        lambda x, _mode=_mode: mb.pad(
-            x=x, pad=np.array([1, 2, 3, 0], np.int32), mode=_mode, constant_val=0.5
-        ),
+        lambda x, _mode=_mode: mb.pad(x=x, pad=np.array([1, 2, 3, 0], np.int32), mode=_mode, constant_val=0.5),
         lambda x, _np_mode=_np_mode: np.pad(
             x,
             [(0, 0), (1, 2), (3, 0)],
@@ -1314,9 +1302,7 @@ case(
     "reshape_like",
     "reshape_like",
     {"x": randn(24), "r": randn(2, 3, 4)},
-    lambda x, r: mb.reshape_like(
-        x=x, ref_tensors=(r, r), begins=(0, 1), ends=(1, 3), end_masks=(False, True)
-    ),
+    lambda x, r: mb.reshape_like(x=x, ref_tensors=(r, r), begins=(0, 1), ends=(1, 3), end_masks=(False, True)),
     lambda x, r: x.reshape(2, 3, 4),
     exact=True,
 )
@@ -1418,10 +1404,7 @@ case(
     lambda x: mb.depth_to_space(x=x, block_size=2),
     # TF DepthToSpace (DCR) defined on NHWC, applied through the NCHW <-> NHWC transposes.
     lambda x: np.transpose(
-        np.transpose(x, (0, 2, 3, 1))
-        .reshape(1, 2, 3, 2, 2, 2)
-        .transpose(0, 1, 3, 2, 4, 5)
-        .reshape(1, 4, 6, 2),
+        np.transpose(x, (0, 2, 3, 1)).reshape(1, 2, 3, 2, 2, 2).transpose(0, 1, 3, 2, 4, 5).reshape(1, 4, 6, 2),
         (0, 3, 1, 2),
     ),
     exact=True,
@@ -1433,10 +1416,7 @@ case(
     {"x": randn(1, 2, 4, 6)},
     lambda x: mb.space_to_depth(x=x, block_size=2),
     lambda x: np.transpose(
-        np.transpose(x, (0, 2, 3, 1))
-        .reshape(1, 2, 2, 3, 2, 2)
-        .transpose(0, 1, 3, 2, 4, 5)
-        .reshape(1, 2, 3, 8),
+        np.transpose(x, (0, 2, 3, 1)).reshape(1, 2, 2, 3, 2, 2).transpose(0, 1, 3, 2, 4, 5).reshape(1, 2, 3, 8),
         (0, 3, 1, 2),
     ),
     exact=True,
@@ -1479,9 +1459,7 @@ case(
     "quantize",
     {"x": QX},
     lambda x: mb.quantize(input=x, scale=Q_SCALE, zero_point=Q_ZP, axis=1, output_dtype="int8"),
-    lambda x: np.clip(np.round(x / Q_SCALE.reshape(1, 3, 1)) + Q_ZP.reshape(1, 3, 1), -128, 127).astype(
-        np.int8
-    ),
+    lambda x: np.clip(np.round(x / Q_SCALE.reshape(1, 3, 1)) + Q_ZP.reshape(1, 3, 1), -128, 127).astype(np.int8),
     exact=True,
 )
 case(
@@ -1494,9 +1472,7 @@ case(
         scale=np.float32(0.1),
         zero_point=np.uint8(128),
     ),
-    lambda x: ((np.clip(np.round(x / np.float32(0.1)) + 128, 0, 255) - 128) * np.float32(0.1)).astype(
-        np.float32
-    ),
+    lambda x: ((np.clip(np.round(x / np.float32(0.1)) + 128, 0, 255) - 128) * np.float32(0.1)).astype(np.float32),
 )
 SDPA_Q, SDPA_K, SDPA_V = randn(2, 3, 5, 4), randn(2, 3, 6, 4), randn(2, 3, 6, 4)
 
@@ -1631,9 +1607,7 @@ def test_op_matches_reference(group, case_, executed):
         e = np.asarray(e)
         assert g.shape == e.shape, f"shape {g.shape} != {e.shape}"
         if case_.exact:
-            np.testing.assert_array_equal(
-                g, e.astype(g.dtype) if e.dtype != g.dtype and e.dtype.kind == "f" else e
-            )
+            np.testing.assert_array_equal(g, e.astype(g.dtype) if e.dtype != g.dtype and e.dtype.kind == "f" else e)
         else:
             np.testing.assert_allclose(g, e, rtol=case_.tol, atol=case_.tol)
 

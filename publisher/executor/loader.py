@@ -147,7 +147,7 @@ def _value_info(var: Any, component: str, opset: str, op_type: str) -> ValueInfo
     return ValueInfo(var.name, dtype, _static_shape(var))
 
 
-def _read_program(path: Path) -> tuple[Any, Any, Any]:
+def _read_program(path: Path) -> tuple[Any, Any]:
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto import load as milproto
 
@@ -156,7 +156,7 @@ def _read_program(path: Path) -> tuple[Any, Any, Any]:
     if spec.WhichOneof("Type") != "mlProgram":
         raise ExecutorError(f"{path}: not an ML Program (model type {spec.WhichOneof('Type')})")
     program = milproto.load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir or "")
-    return spec, program, model
+    return spec, program
 
 
 def load_program(package: Path | str) -> LoadedProgram:
@@ -171,7 +171,7 @@ def load_program(package: Path | str) -> LoadedProgram:
         raise ExecutorError(f"{path}: no such model package")
     start = time.perf_counter()
     try:
-        spec, program, _ = _read_program(path)
+        spec, program = _read_program(path)
     except ExecutorError:
         raise
     except Exception as exc:
@@ -215,8 +215,7 @@ def load_program(package: Path | str) -> LoadedProgram:
     )
 
 
-def _decompress(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], component: str,
-                opset: str) -> None:
+def _decompress(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], component: str, opset: str) -> None:
     decompress = DECOMPRESSORS.get(op.op_type)
     if decompress is None:
         raise UnsupportedOpError(op.op_type, opset, component)
@@ -231,8 +230,7 @@ def _decompress(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any]
         constants[var.name] = tensor
 
 
-def _compile(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], component: str,
-             opset: str) -> Step:
+def _compile(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], component: str, opset: str) -> Step:
     impl = OPS.get(op.op_type)
     if impl is None or op.blocks:
         raise UnsupportedOpError(op.op_type, opset, component)

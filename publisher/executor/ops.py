@@ -30,6 +30,11 @@ from publisher.executor.errors import ExecutorError
 Result = torch.Tensor | tuple[torch.Tensor, ...]
 
 
+def _scalar(value: Any) -> Any:
+    # Scalar parameters may be stored as 1-element tensors; NumPy 2 refuses int() on those.
+    return np.asarray(value).reshape(-1)[0]
+
+
 class OpArgs:
     """The inputs of one op at run time: tensors by name, plus the raw values of constant inputs."""
 
@@ -51,9 +56,6 @@ class OpArgs:
         if self._widen and t.dtype == torch.float16:
             return t.float()
         return t
-
-    def __contains__(self, name: str) -> bool:
-        return self._tensors.get(name) is not None or self._raw.get(name) is not None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self._tensors.get(name)
@@ -87,15 +89,15 @@ class OpArgs:
 
     def int(self, name: str, default: int = 0) -> int:
         v = self.value(name)
-        return default if v is None else int(np.asarray(v))
+        return default if v is None else int(_scalar(v))
 
     def float(self, name: str, default: float = 0.0) -> float:
         v = self.value(name)
-        return default if v is None else float(np.asarray(v))
+        return default if v is None else float(_scalar(v))
 
     def bool(self, name: str, default: bool = False) -> bool:
         v = self.value(name)
-        return default if v is None else bool(np.asarray(v))
+        return default if v is None else bool(_scalar(v))
 
     def str(self, name: str, default: str = "") -> str:
         v = self.value(name)
@@ -424,7 +426,10 @@ def scaled_dot_product_attention(a: OpArgs) -> Result:
 
 
 def _same_pads(
-    pad_type: str, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+    pad_type: str,
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
     dilations: Sequence[int],
 ) -> list[tuple[int, int]]:
     pads = []
@@ -437,8 +442,9 @@ def _same_pads(
     return pads
 
 
-def _conv_pads(a: OpArgs, x: torch.Tensor, kernel: Sequence[int], strides: Sequence[int],
-               dilations: Sequence[int]) -> list[tuple[int, int]]:
+def _conv_pads(
+    a: OpArgs, x: torch.Tensor, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> list[tuple[int, int]]:
     spatial = x.shape[2:]
     pad_type = a.str("pad_type", "valid")
     if pad_type == "custom":
@@ -518,9 +524,7 @@ def conv_transpose(a: OpArgs) -> Result:
 def batch_norm(a: OpArgs) -> Result:
     x = a["x"]
     rank = x.dim()
-    out = (x - _per_channel(a["mean"], rank)) / torch.sqrt(
-        _per_channel(a["variance"], rank) + a.float("epsilon", 1e-5)
-    )
+    out = (x - _per_channel(a["mean"], rank)) / torch.sqrt(_per_channel(a["variance"], rank) + a.float("epsilon", 1e-5))
     gamma, beta = a.opt("gamma"), a.opt("beta")
     if gamma is not None:
         out = out * _per_channel(gamma, rank)
@@ -542,7 +546,7 @@ def layer_norm(a: OpArgs) -> Result:
     eps = a.float("epsilon", 1e-5)
     gamma, beta = a.opt("gamma"), a.opt("beta")
     if axes == list(range(rank - len(axes), rank)):
-        normalized = x.shape[rank - len(axes):]
+        normalized = x.shape[rank - len(axes) :]
         gamma = None if gamma is None else gamma.reshape(normalized)
         beta = None if beta is None else beta.reshape(normalized)
         return F.layer_norm(x, normalized, gamma, beta, eps)
@@ -659,8 +663,10 @@ def _grid(mode: str, size_in: int, size_out: int, spacing: float | None = None) 
             return torch.full((1,), (size_in - 1) / 2 if mode == "ALIGN_CORNERS" else 0.0, dtype=torch.float64)
         return i * ((size_in - 1) / (size_out - 1))
     if mode == "DEFAULT":
-        step = spacing if spacing is not None else (
-            (size_in - size_in / size_out) / (size_out - 1) if size_out > 1 else 0.0
+        step = (
+            spacing
+            if spacing is not None
+            else ((size_in - size_in / size_out) / (size_out - 1) if size_out > 1 else 0.0)
         )
         return i * step
     if mode == "OFFSET_CORNERS":
@@ -723,7 +729,6 @@ def _reduction(op_type: str, fn: Callable[[torch.Tensor, list[int], bool], torch
     register(op_type, native_half=op_type in _SINGLE_KERNEL_REDUCTIONS)(reduce)
 
 
-
 def _prod(x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
     for ax in sorted(axes, reverse=True):
         x = x.prod(dim=ax, keepdim=keep)
@@ -776,13 +781,13 @@ def gather(a: OpArgs) -> Result:
     idx = _wrap(idx, x.shape[axis])
     if batch_dims == 0:
         out = x.index_select(axis, idx.reshape(-1))
-        return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+        return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :])
     batch = x.shape[:batch_dims]
     xs = x.reshape(math.prod(batch), *x.shape[batch_dims:])
     ids = idx.reshape(math.prod(batch), *idx.shape[batch_dims:])
     inner = axis - batch_dims
     rows = [
-        xb.index_select(inner, ib.reshape(-1)).reshape(*xb.shape[:inner], *ib.shape, *xb.shape[inner + 1:])
+        xb.index_select(inner, ib.reshape(-1)).reshape(*xb.shape[:inner], *ib.shape, *xb.shape[inner + 1 :])
         for xb, ib in zip(xs, ids, strict=True)
     ]
     out = torch.stack(rows)
@@ -807,7 +812,7 @@ def gather_nd(a: OpArgs) -> Result:
     coords = [_wrap(ids[..., k], xs.shape[1 + k]) for k in range(depth)]
     rows = torch.arange(xs.shape[0]).unsqueeze(1)
     out = xs[(rows, *coords)]
-    return out.reshape(*idx.shape[:-1], *x.shape[batch_dims + depth:])
+    return out.reshape(*idx.shape[:-1], *x.shape[batch_dims + depth :])
 
 
 def _scatter_axis0(data: torch.Tensor, idx: torch.Tensor, updates: torch.Tensor, mode: str) -> torch.Tensor:
@@ -863,7 +868,7 @@ def scatter_nd(a: OpArgs) -> Result:
     data, idx = a["data"], a["indices"]
     depth = idx.shape[-1]
     lead = data.shape[:depth]
-    strides = torch.tensor([math.prod(lead[k + 1:]) for k in range(depth)], dtype=torch.long)
+    strides = torch.tensor([math.prod(lead[k + 1 :]) for k in range(depth)], dtype=torch.long)
     coords = torch.stack([_wrap(idx[..., k], lead[k]) for k in range(depth)], dim=-1)
     flat_idx = (coords * strides).sum(-1).reshape(-1)
     rows = data.reshape(math.prod(lead), *data.shape[depth:])
@@ -962,7 +967,7 @@ def pad(a: OpArgs) -> Result:
         return x
     k = len(pairs)
     lead = x.shape[: x.dim() - k]
-    body = x.reshape(math.prod(lead), *x.shape[x.dim() - k:])
+    body = x.reshape(math.prod(lead), *x.shape[x.dim() - k :])
     torch_mode = {"reflect": "reflect", "replicate": "replicate"}.get(mode)
     if torch_mode is None:
         raise ExecutorError(f"unknown pad mode {mode!r}")
@@ -1060,7 +1065,7 @@ def reshape_like(a: OpArgs) -> Result:
     end_masks = [bool(m) for m in np.asarray(a.value("end_masks")).reshape(-1)]
     shape: list[int] = []
     for ref, begin, end, end_mask in zip(refs, begins, ends, end_masks, strict=True):
-        shape.extend(ref.shape[begin: ref.dim() if end_mask else end])
+        shape.extend(ref.shape[begin : ref.dim() if end_mask else end])
     return a["x"].reshape(shape)
 
 
