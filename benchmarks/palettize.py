@@ -34,7 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from publisher.palettize import lut_function, palettize_config
+# Before coremltools (imported by publisher.palettize) loads tqdm: no progress bars in the table.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from publisher.palettize import lut_function, palettize_config  # noqa: E402
 
 SKLEARN_BELOW = 10_000  # coremltools' kmeans uses scikit-learn for tensors (groups) under this size
 
@@ -163,7 +166,6 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="converted fp16 UNet .mlpackage for a whole-model pass")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
-    os.environ.setdefault("TQDM_DISABLE", "1")
 
     weights = unet_weights(threshold=2048)
     if args.limit:

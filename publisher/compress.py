@@ -27,6 +27,8 @@ SKIPPED_OP_TYPES = ("gather",)
 class CompressedComponent:
     package: Path
     seconds: float
+    mixed: MixedBitRecipe | None = None
+    """The mixed-bit recipe applied, when the scheme has one: worth keeping beside the report."""
 
 
 def _op_type_configs() -> dict[str, None]:
@@ -186,7 +188,7 @@ def compress_package(package: Path, scheme: Scheme, out: Path, component: str = 
     the caller keeps the original package.
 
     A mixed-bit palettization with a target (not a stored recipe) is analysed here on
-    ``calibration``; the recipe it builds is saved beside ``out`` as ``<out stem>.mixed-bit.json``.
+    ``calibration`` (see :func:`publisher.mixed_bit.calibration`); the result carries the recipe.
     """
     import coremltools as ct
     from coremltools.optimize.coreml import linear_quantize_weights, palettize_weights, prune_weights
@@ -195,8 +197,6 @@ def compress_package(package: Path, scheme: Scheme, out: Path, component: str = 
     mixed = None
     if scheme.palettize and scheme.palettize.mixed:
         mixed = mixed_recipe(package, scheme, component, calibration)
-        if scheme.palettize.mixed.recipe is None:
-            mixed.save(out.with_name(out.stem + ".mixed-bit.json"))
     configs = stage_configs(package, scheme, mixed)
     model = ct.models.MLModel(str(package), skip_model_load=True)
     if "prune" in configs:
@@ -207,4 +207,4 @@ def compress_package(package: Path, scheme: Scheme, out: Path, component: str = 
     if "quantize" in configs:
         model = linear_quantize_weights(model, configs["quantize"])
     model.save(str(out))
-    return CompressedComponent(out, time.perf_counter() - started)
+    return CompressedComponent(out, time.perf_counter() - started, mixed)

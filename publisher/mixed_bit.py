@@ -33,13 +33,17 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from publisher import executor
 from publisher.palettize import palettize
+
+if TYPE_CHECKING:
+    from publisher.recipe import Recipe
+    from publisher.source import LoadedSource
 
 Inputs = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
@@ -145,12 +149,15 @@ class MixedBitRecipe:
         bad = [name for name, bits in layers.items() if bits not in (1, 2, 3, 4, 6, 8) or isinstance(bits, bool)]
         if bad:
             raise ValueError(f"{path}: layer {bad[0]!r}: nbits {layers[bad[0]]!r} is not one of 1,2,3,4,6,8")
+        average = data.get("average_bits")
+        if not isinstance(average, int | float) or isinstance(average, bool):
+            raise ValueError(f"{path}: 'average_bits' must be a number")
         return cls(component=str(data.get("component", "")), layers={k: int(v) for k, v in layers.items()},
-                   average_bits=float(data["average_bits"]), predicted_psnr=data.get("predicted_psnr"),
+                   average_bits=float(average), predicted_psnr=data.get("predicted_psnr"),
                    measured_psnr=data.get("measured_psnr"), target=dict(data.get("target") or {}))
 
 
-def calibration(recipe: Any, source: Any, component: str) -> Calibration:
+def calibration(recipe: Recipe, source: LoadedSource, component: str) -> Calibration:
     """The parity gate's inputs for ``component`` and the fp32 torch outputs on them."""
     from publisher.convert import component_io, reference_module
     from publisher.parity import component_inputs
@@ -344,16 +351,17 @@ def build_recipe(package: Path, calib: Calibration, component: str, *, target_bi
     analysis = analysis or analyze(package, calib, weight_threshold, candidates, groups, exclude)
     path = greedy_path(analysis)
     weights = _Weights(package, [layer.name for layer in analysis.layers])
-    aim = target_psnr
-    state = _pick(analysis, path, target_bits, aim)
+    state = _pick(analysis, path, target_bits, target_psnr)
     measured = _measure(weights, calib, analysis.nbits(state), analysis.luts)
     if target_psnr is not None:
+        aim = target_psnr
         for _ in range(VERIFY_TRIES - 1):
             if measured >= target_psnr or state is path[0]:
                 break
-            aim = (aim or target_psnr) + (target_psnr - measured) + 0.1
+            # Predictions run optimistic by about the gap just measured: aim that much higher.
+            aim += target_psnr - measured + 0.1
             state = _pick(analysis, path, None, aim)
             measured = _measure(weights, calib, analysis.nbits(state), analysis.luts)
     target = {"bits": target_bits} if target_bits is not None else {"psnr": target_psnr}
     return MixedBitRecipe(component, analysis.nbits(state), analysis.average_bits(state),
-                          round(analysis.predicted_psnr(state), 2), round(measured, 2), target)  # type: ignore[arg-type]
+                          round(analysis.predicted_psnr(state), 2), round(measured, 2), target)

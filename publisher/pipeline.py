@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 
+from publisher import mixed_bit
 from publisher.assemble import assemble, check_destination, package_path, promote
 from publisher.cache import StageCache, hash_path, make_key
 from publisher.card import write_card
@@ -216,12 +217,22 @@ def build_component(run: Run, variant: Variant, component: str) -> BuiltComponen
     if scheme.is_none:
         return built
 
+    mixed = scheme.palettize.mixed if scheme.palettize else None
+    analysed = mixed is not None and mixed.recipe is None
+
     def compress(folder: Path) -> None:
-        result = compress_package(converted / PACKAGE, scheme, folder / PACKAGE)
+        # A mixed-bit target is analysed on the parity gate's own inputs and reference outputs.
+        calibration = mixed_bit.calibration(recipe, run.source, component) if analysed else None
+        result = compress_package(converted / PACKAGE, scheme, folder / PACKAGE, component=component,
+                                  calibration=calibration)
+        if result.mixed is not None:
+            result.mixed.save(folder / "mixed_bit.json")
         (folder / "meta.json").write_text(json.dumps({"seconds": result.seconds}))
 
+    calibration_inputs = {"source": run.source_identity, "prompts": list(recipe.card.prompts),
+                          "seed": recipe.parity.seed} if analysed else {}
     compressed = cached(run, "compress", {
-        "package": hash_path(converted / PACKAGE), "scheme": scheme.model_dump(mode="json"),
+        "package": hash_path(converted / PACKAGE), "scheme": scheme.model_dump(mode="json"), **calibration_inputs,
     }, f"{variant.folder_name}/{component} ({scheme.describe()})", compress)
     built.package = compressed / PACKAGE
     built.compress_seconds = json.loads((compressed / "meta.json").read_text())["seconds"]

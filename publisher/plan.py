@@ -16,7 +16,11 @@ _MODEL_FOLDER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder
 def bits_per_weight(scheme: Scheme) -> float:
     """The storage cost of one weight under ``scheme``, ignoring tables and small tensors."""
     bits = 16.0
-    if scheme.palettize:
+    if scheme.palettize and scheme.palettize.mixed:
+        mixed = scheme.palettize.mixed
+        # A PSNR target's width is known only after the analysis: the widest candidate bounds it.
+        bits = mixed.target_bits or (_recipe_bits(mixed.recipe) if mixed.recipe else max(mixed.candidates))
+    elif scheme.palettize:
         bits = scheme.palettize.nbits
     elif scheme.quantize:
         bits = scheme.quantize.nbits
@@ -24,6 +28,13 @@ def bits_per_weight(scheme: Scheme) -> float:
         density = 1 - (scheme.prune.sparsity or (scheme.prune.n_m[0] / scheme.prune.n_m[1]))
         bits = bits * density + 1  # a 1-bit mask marks the kept weights
     return bits
+
+
+def _recipe_bits(path: Path) -> float:
+    try:
+        return float(json.loads(path.read_text())["average_bits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 16.0
 
 
 def count_parameters(model_folder: Path | None, component: str) -> int | None:

@@ -14,6 +14,7 @@ from coremltools.converters.mil.frontend.milproto import load as milproto
 from publisher import executor
 from publisher.compress import compress_package
 from publisher.errors import RecipeError
+from publisher.mixed_bit import MixedBitRecipe
 from publisher.parity import psnr
 from publisher.recipe import Scheme, load_recipe
 
@@ -100,6 +101,26 @@ def test_later_overrides_win_and_overrides_alone_compress(package: Path, tmp_pat
     })
     assert weight_forms(out) == {"time_embedding_linear": "float", "attn1_to_q": "lut16", "attn1_to_k": "lut4",
                                  "ff_net": "float"}
+
+
+def test_overrides_win_over_a_mixed_bit_recipe(package: Path, tmp_path: Path):
+    stored = tmp_path / "mixed.json"
+    layers = {f"unet_{name}_weight_to_fp16": bits for name, bits in zip(LAYERS, (2, 4, 6, 8), strict=True)}
+    MixedBitRecipe("unet", layers, 5.0).save(stored)
+    out = compress(package, tmp_path, {
+        "palettize": {"mixed": {"recipe": str(stored)}},
+        "weight_threshold": 512,
+        "overrides": [{"pattern": "*to_k*", "skip": True}],
+    })
+    assert weight_forms(out) == {"time_embedding_linear": "lut4", "attn1_to_q": "lut16", "attn1_to_k": "float",
+                                 "ff_net": "lut256"}
+
+
+def test_a_mixed_bit_recipe_for_another_model_is_refused(package: Path, tmp_path: Path):
+    stored = tmp_path / "mixed.json"
+    MixedBitRecipe("unet", {"unet_conv_in_weight_to_fp16": 4}, 4.0).save(stored)
+    with pytest.raises(ValueError, match="names 1 weights the package lacks, e.g. 'unet_conv_in_weight_to_fp16'"):
+        compress(package, tmp_path, {"palettize": {"mixed": {"recipe": str(stored)}}})
 
 
 def test_overrides_only_scheme_is_not_none():
