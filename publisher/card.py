@@ -556,7 +556,7 @@ def make_image_grid(folder: Path, report: PublishReport) -> str | None:
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default(size=15)
 
-    titles = ["reference (PyTorch fp32)"] + [f"{name} (Core ML)" for name in variants]
+    titles = ["reference (PyTorch fp32)"] + [f"{name} (Core ML package)" for name in variants]
     for column, title in enumerate(titles):
         x = GRID_PAD + GRID_LABEL_WIDTH + column * (GRID_TILE + GRID_PAD)
         draw.text(
