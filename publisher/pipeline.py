@@ -152,9 +152,13 @@ def push_folder_and_report(folder: Path, repo_id: str, *, private: bool, options
 
 
 def source_identity(recipe: Recipe) -> str:
-    """A Hub revision is immutable; a local folder is identified by its content."""
-    source = recipe.source
-    return f"{source.repo}@{source.revision}" if source.repo else f"local:{hash_path(source.path)}"
+    """A Hub revision is immutable; a local folder is identified by its content. A separate VAE or
+    ControlNet source is part of the identity: it changes what the pipeline converts."""
+    models = [recipe.source, recipe.source.vae, recipe.source.controlnet]
+    return " + ".join(
+        f"{model.repo}@{model.revision}" if model.repo else f"local:{hash_path(model.path)}"
+        for model in models if model is not None
+    )
 
 
 def cached(run: Run, stage: str, key_parts: dict, label: str, produce: Callable[[Path], None]) -> Path:
