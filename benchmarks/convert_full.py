@@ -9,38 +9,20 @@ does), so each peak RSS is that component's alone. Needs ~7 GB for the UNet and 
 
     flock /tmp/coreml-publisher-heavy.lock .venv/bin/python benchmarks/convert_full.py
 
-The random-weight pipeline (~4.3 GB) is cached under build/; packages go to a temporary folder.
+The random-weight pipeline (~4.3 GB) is cached under build/random/; packages go to a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
+from random_sources import ROOT, machine, pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / "build" / "convert-full"
 COMPONENTS = ("text_encoder", "vae_decoder", "vae_encoder", "unet")
-
-
-def pipeline(configs: Path) -> Path:
-    """The random-weight pipeline built from ``configs``, cached until the configs change.
-
-    Built in a child process: memory the build leaves allocated would otherwise sit in this process,
-    and in the process tree's peak, for the whole benchmark.
-    """
-    stamp = max(file.stat().st_mtime for file in configs.rglob("*") if file.is_file())
-    out = CACHE / configs.name
-    if not (out / "model_index.json").is_file() or out.stat().st_mtime < stamp:
-        subprocess.run([sys.executable, "-m", "publisher", "synthesize", "-q", str(configs), str(out)], check=True)
-    return out
 
 
 def write_recipe(folder: Path, source: Path, precision: str) -> Path:
@@ -50,15 +32,6 @@ def write_recipe(folder: Path, source: Path, precision: str) -> Path:
         f"conversion:\n  components: [{', '.join(COMPONENTS)}]\n  precision: {precision}\n"
     )
     return recipe
-
-
-def machine() -> str:
-    memory = psutil.virtual_memory().total / 2**30
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-              if line.startswith("model name")] if cpuinfo.is_file() else []
-    cpu = models[0] if models else platform.processor() or platform.machine()
-    return f"{platform.system()} {cpu}, {os.cpu_count()} CPUs, {memory:.0f} GiB RAM, Python {platform.python_version()}"
 
 
 def main() -> None:

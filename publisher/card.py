@@ -43,6 +43,8 @@ SWIFT_RESOURCES = {
     "text_encoder": "TextEncoder",
     "text_encoder_2": "TextEncoder2",
     "unet": "Unet",
+    "unet_chunk1": "UnetChunk1",
+    "unet_chunk2": "UnetChunk2",
     "vae_decoder": "VAEDecoder",
     "vae_encoder": "VAEEncoder",
 }

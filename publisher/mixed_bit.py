@@ -159,19 +159,9 @@ class MixedBitRecipe:
 
 def calibration(recipe: Recipe, source: LoadedSource, component: str) -> Calibration:
     """The parity gate's inputs for ``component`` and the fp32 torch outputs on them."""
-    from publisher.convert import component_io, reference_module
-    from publisher.parity import component_inputs
+    from publisher.parity import reference_cases
 
-    io = component_io(recipe, source, component)
-    module = reference_module(source, component)
-    cases = component_inputs(recipe, source, component)
-    references = []
-    with torch.inference_mode():
-        for case in cases:
-            outputs = module(*(torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in case.values()))
-            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-            references.append({name: out.numpy() for name, out in zip(io.outputs, outputs, strict=True)})
-    return Calibration(cases, references)
+    return Calibration(*reference_cases(recipe, source, component))
 
 
 def _psnr_of_mse(peak: float, mse: float) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from publisher.convert import component_io, image_size, reference_module
 from publisher.errors import ParityError
 from publisher.recipe import Recipe
 from publisher.report import ImageParity, ParityResult
-from publisher.source import LoadedSource
+from publisher.source import COMPONENT_MODEL, LoadedSource
 
 EXECUTOR_MODES: tuple[executor.Mode, ...] = ("fp32", "fp16")
 COREML_RUNTIME = "coreml-runtime"
@@ -30,6 +30,9 @@ GUIDANCE_SCALE = 7.5
 UNET_TIMESTEP_SAMPLES = 3  # early, middle and late in the schedule: errors differ across noise levels
 
 Inputs = dict[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+DENOISERS = ("unet", "control_unet", "controlnet")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def psnr(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -50,19 +53,41 @@ def backends() -> tuple[str, ...]:
     return names + ((COREML_RUNTIME,) if coreml_runtime_available() else ())
 
 
-def _coreml_predict(package: Path) -> Callable[[Inputs], dict[str, np.ndarray]]:
-    import coremltools as ct
-
-    model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY)
-    return model.predict
+def as_chain(package: Path | Sequence[Path]) -> tuple[Path, ...]:
+    """A component's packages in run order: one, or a chunked UNet's chunks."""
+    return (package,) if isinstance(package, Path) else tuple(package)
 
 
-def _runner(package: Path, backend: str, component: str) -> Callable[[Inputs], dict[str, np.ndarray]]:
+def _predictor(package: Path, backend: str, programs: dict[Path, executor.LoadedProgram]
+               ) -> tuple[list[str], Callable[[Inputs], Outputs]]:
+    """The package's input names and its predict function on ``backend``; executor programs are
+    loaded once into ``programs`` and shared by the executor's modes."""
     if backend == COREML_RUNTIME:
-        return _coreml_predict(package)
-    program = executor.load_program(package)
+        import coremltools as ct
+
+        model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY)
+        return [feature.name for feature in model.get_spec().description.input], model.predict
+    if package not in programs:
+        programs[package] = executor.load_program(package)
+    program = programs[package]
     mode: executor.Mode = backend.removeprefix("executor-")  # type: ignore[assignment]
-    return lambda inputs: executor.run(program, inputs, mode=mode)
+    return list(program.inputs), lambda inputs: executor.run(program, inputs, mode=mode)
+
+
+def _runner(package: Path | Sequence[Path], backend: str,
+            programs: dict[Path, executor.LoadedProgram] | None = None) -> Callable[[Inputs], Outputs]:
+    """Run a component's packages in order: each takes what it needs from the inputs and the
+    outputs before it (a second UNet chunk reads the first's outputs and some original inputs)."""
+    programs = {} if programs is None else programs
+    stages = [_predictor(link, backend, programs) for link in as_chain(package)]
+
+    def run(inputs: Inputs) -> Outputs:
+        values = dict(inputs)
+        for names, predict in stages:
+            values.update(predict({name: values[name] for name in names}))
+        return values
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +101,7 @@ def tokenize(source: LoadedSource, prompts: list[str]) -> list[np.ndarray]:
     return [row[None].astype(np.float32) for row in ids]
 
 
-def _reference(module: torch.nn.Module, inputs: Inputs, output_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _reference(module: torch.nn.Module, inputs: Inputs, output_names: tuple[str, ...]) -> Outputs:
     with torch.inference_mode():
         outputs = module(*(torch.from_numpy(np.asarray(value, dtype=np.float32)) for value in inputs.values()))
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -89,7 +114,7 @@ def _text_conditioning(source: LoadedSource, prompts: list[str]) -> tuple[np.nda
     Returns (N, C, 1, S) hidden states (SDXL: both encoders' concatenated, as its UNet expects) and
     the last encoder's pooled output (SDXL's ``text_embeds``).
     """
-    encoders = [name for name in ("text_encoder", "text_encoder_2") if getattr(source.pipe, name, None) is not None]
+    encoders = [name for name in TEXT_ENCODERS if getattr(source.pipe, name, None) is not None]
     hidden, pooled = [], None
     for name in encoders:
         module = reference_module(source, name)
@@ -108,7 +133,7 @@ def component_inputs(recipe: Recipe, source: LoadedSource, component: str) -> li
     prompts = list(recipe.card.prompts)
     if component in ("text_encoder", "text_encoder_2"):
         return [{"input_ids": ids} for ids in tokenize(source, prompts)]
-    if component in ("unet", "control_unet", "controlnet"):
+    if component in DENOISERS:
         cases = _denoiser_cases(recipe, source, shapes, generator)
         for case in cases:
             # ControlNet images are in [0, 1]; residuals are small corrections to the UNet's skips.
@@ -169,23 +194,50 @@ class ComponentParity:
     psnr_db: dict[str, float]  # backend -> worst PSNR over outputs and cases
 
 
-def measure_component(recipe: Recipe, source: LoadedSource, component: str, package: Path,
-                      on: tuple[str, ...] | None = None) -> ComponentParity:
-    """PSNR of ``package`` against the fp32 reference, per backend (worst output, worst case).
+def reference_models(source: LoadedSource, component: str) -> tuple[str, ...]:
+    """The models whose weights checking ``component`` reads: its own, and for a denoiser the text
+    encoders that make its conditioning."""
+    models = [COMPONENT_MODEL[component]]
+    if component in DENOISERS:
+        models += [name for name in TEXT_ENCODERS if getattr(source.pipe, name, None) is not None]
+    return tuple(models)
 
-    ``on`` limits the backends (default: every available one).
+
+def reference_cases(recipe: Recipe, source: LoadedSource, component: str) -> tuple[list[Inputs], list[Outputs]]:
+    """The inputs ``component`` is checked on, and the fp32 reference's outputs on them.
+
+    Only the models this needs hold weights, and only while it runs: the packages are then run with
+    the torch weights already released.
     """
+    with source.weights(*reference_models(source, component)):
+        return _reference_cases(recipe, source, component)
+
+
+def _reference_cases(recipe: Recipe, source: LoadedSource, component: str) -> tuple[list[Inputs], list[Outputs]]:
+    # A function of its own so that the module is gone before source.weights() releases its weights.
     io = component_io(recipe, source, component)
     module = reference_module(source, component)
     cases = component_inputs(recipe, source, component)
-    references = [_reference(module, case, io.outputs) for case in cases]
+    return cases, [_reference(module, case, io.outputs) for case in cases]
+
+
+def measure_component(recipe: Recipe, source: LoadedSource, component: str, package: Path | Sequence[Path],
+                      on: tuple[str, ...] | None = None) -> ComponentParity:
+    """PSNR of ``package`` (or a chunked component's chain of packages) against the fp32 reference,
+    per backend (worst output, worst case).
+
+    ``on`` limits the backends (default: every available one).
+    """
+    outputs = component_io(recipe, source, component).outputs
+    cases, references = reference_cases(recipe, source, component)
     results = {}
+    programs: dict[Path, executor.LoadedProgram] = {}
     for backend in on or backends():
-        run = _runner(package, backend, component)
+        run = _runner(package, backend, programs)
         results[backend] = min(
             psnr(reference[name], run(case)[name])
             for case, reference in zip(cases, references, strict=True)
-            for name in io.outputs
+            for name in outputs
         )
     return ComponentParity(component, results)
 
@@ -219,7 +271,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def denoise(recipe: Recipe, source: LoadedSource, prompt: str,
-            run: Callable[[str, Inputs], dict[str, np.ndarray]]) -> np.ndarray:
+            run: Callable[[str, Inputs], Outputs]) -> np.ndarray:
     """A short text-to-image loop with classifier-free guidance over ``run(component, inputs)``.
 
     The same loop serves the torch reference and the packages, so the two images differ only by
@@ -249,40 +301,43 @@ def denoise(recipe: Recipe, source: LoadedSource, prompt: str,
     return _to_uint8(run("vae_decoder", {"z": z})["image"].astype(np.float32))
 
 
-def reference_runner(recipe: Recipe, source: LoadedSource) -> Callable[[str, Inputs], dict[str, np.ndarray]]:
+def reference_runner(recipe: Recipe, source: LoadedSource) -> Callable[[str, Inputs], Outputs]:
     modules = {component: reference_module(source, component) for component in ("text_encoder", "unet", "vae_decoder")}
 
-    def run(component: str, inputs: Inputs) -> dict[str, np.ndarray]:
+    def run(component: str, inputs: Inputs) -> Outputs:
         return _reference(modules[component], inputs, component_io(recipe, source, component).outputs)
 
     return run
 
 
-def package_runner(packages: dict[str, Path], mode: executor.Mode = "fp16"):
-    programs = {component: executor.load_program(path) for component, path in packages.items()}
+def package_runner(packages: Mapping[str, Path | Sequence[Path]], mode: executor.Mode = "fp16"):
+    runners = {component: _runner(package, f"executor-{mode}") for component, package in packages.items()}
 
-    def run(component: str, inputs: Inputs) -> dict[str, np.ndarray]:
-        return executor.run(programs[component], inputs, mode=mode)
+    def run(component: str, inputs: Inputs) -> Outputs:
+        return runners[component](inputs)
 
     return run
 
 
-def image_parity(recipe: Recipe, source: LoadedSource, variant: str, packages: dict[str, Path],
-                 root: Path, reference_images: dict[str, np.ndarray]) -> list[ImageParity]:
+def image_parity(recipe: Recipe, source: LoadedSource, variant: str, packages: Mapping[str, Path | Sequence[Path]],
+                 root: Path) -> list[ImageParity]:
     """Denoise each recipe prompt with the reference and with ``packages``; save both as PNGs
-    under ``root/images/``. ``reference_images`` caches the reference per prompt across variants.
+    under ``root/images/``.
+
+    The reference images come first, with the torch weights loaded for them alone; the packages run
+    after those weights are released.
     """
     from PIL import Image
 
     needed = ("text_encoder", "unet", "vae_decoder")
     if recipe.parity.image_steps == 0 or source.family == "sdxl" or not all(c in packages for c in needed):
         return []
+    prompts = list(recipe.card.prompts)
+    with source.weights("text_encoder", "unet", "vae"):
+        references = [denoise(recipe, source, prompt, reference_runner(recipe, source)) for prompt in prompts]
     run_package = package_runner({component: packages[component] for component in needed})
     results = []
-    for index, prompt in enumerate(recipe.card.prompts):
-        if prompt not in reference_images:
-            reference_images[prompt] = denoise(recipe, source, prompt, reference_runner(recipe, source))
-        reference = reference_images[prompt]
+    for index, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
         candidate = denoise(recipe, source, prompt, run_package)
         reference_path, variant_path = f"images/reference/{index}.png", f"images/{variant}/{index}.png"
         for relative, pixels in ((reference_path, reference), (variant_path, candidate)):

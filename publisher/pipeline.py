@@ -19,8 +19,9 @@ from publisher import mixed_bit
 from publisher.assemble import assemble, check_destination, package_path, promote
 from publisher.cache import StageCache, hash_path, make_key
 from publisher.card import write_card
+from publisher.chunk import CHUNKS, chunk_names, chunk_package
 from publisher.compress import compress_package
-from publisher.convert import convert_component, image_size
+from publisher.convert import convert_in_subprocess, image_size
 from publisher.hub import PushResult, format_operations, format_summary, push_folder
 from publisher.monitor import Monitor
 from publisher.parity import ComponentParity, gate, image_parity, measure_component
@@ -34,7 +35,7 @@ from publisher.report import (
     VariantReport,
     tool_versions,
 )
-from publisher.source import LoadedSource, load_source
+from publisher.source import LoadedSource, load_source, release_memory
 
 ATTENTION_COMPONENTS = ("unet", "control_unet", "controlnet")
 PACKAGE = "model.mlpackage"
@@ -57,7 +58,8 @@ class Build:
 
     packages: dict[str, Path] = field(default_factory=dict)
     variants: list[VariantReport] = field(default_factory=list)
-    by_variant: dict[str, dict[str, Path]] = field(default_factory=dict)
+    by_variant: dict[str, dict[str, tuple[Path, ...]]] = field(default_factory=dict)
+    """Per variant, each component's packages in run order (a chunked UNet has two)."""
 
 
 @dataclass
@@ -102,7 +104,8 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
     previous_tempdir, tempfile.tempdir = tempfile.tempdir, str(work)
     try:
         with monitor.stage("load source", record=False):
-            source = load_source(recipe)
+            # Configs and tokenizer only: each stage loads the weights of the component it works on.
+            source = load_source(recipe, models=())
         run = Run(recipe, source, source_identity(recipe), cache or StageCache(), monitor, work)
         build = build_variants(run)
         parity = check_parity(run, build)
@@ -174,6 +177,9 @@ def cached(run: Run, stage: str, key_parts: dict, label: str, produce: Callable[
     with run.cache.store(stage, key, label) as folder:
         with run.monitor.stage(stage, label):
             produce(folder)
+            # What a stage freed stays in this long-lived process's heap otherwise, under the next
+            # stage's peak (2 GB after compressing SD 1.5's UNet).
+            release_memory()
         (folder / COST).write_text(run.monitor.costs[-1].model_dump_json())
     return run.cache.root / stage / key
 
@@ -185,10 +191,15 @@ def build_variants(run: Run) -> Build:
         reports = []
         for component in recipe.conversion.components:
             built = build_component(run, variant, component)
-            relative = package_path(variant.folder_name, recipe, component)
-            build.packages[relative] = built.package
-            build.by_variant.setdefault(variant.folder_name, {})[component] = built.package
-            reports.append(component_report(recipe, built, relative, variant))
+            whole = component_report(recipe, built)
+            parts = {component: built.package}
+            if component == "unet" and recipe.conversion.chunk_unet:
+                parts = dict(zip(chunk_names(component), chunk_unet(run, variant, built.package), strict=True))
+            build.by_variant.setdefault(variant.folder_name, {})[component] = tuple(parts.values())
+            for name, package in parts.items():
+                relative = package_path(variant.folder_name, recipe, name)
+                build.packages[relative] = package
+                reports.append(part_report(whole, name, package, relative.removeprefix(f"{variant.folder_name}/")))
         build.variants.append(
             VariantReport(
                 folder=variant.folder_name,
@@ -200,13 +211,21 @@ def build_variants(run: Run) -> Build:
     return build
 
 
+def chunk_unet(run: Run, variant: Variant, package: Path) -> tuple[Path, ...]:
+    entry = cached(run, "chunk", {"package": hash_path(package)}, f"{variant.folder_name}/unet",
+                   lambda folder: chunk_package(package, folder))
+    return tuple(entry / f"{chunk}.mlpackage" for chunk in CHUNKS)
+
+
 def build_component(run: Run, variant: Variant, component: str) -> BuiltComponent:
     recipe = run.recipe
     # Only the UNet's attention differs between variants: the others are shared through the cache.
     attention = variant.attention if component in ATTENTION_COMPONENTS else "original"
 
     def convert(folder: Path) -> None:
-        converted = convert_component(recipe, run.source, component, folder / PACKAGE, attention)
+        # In a process of its own, which loads this component's model alone and returns all of its
+        # memory when it ends: the run's peak is its largest component's.
+        converted = convert_in_subprocess(recipe.file, component, attention, folder / PACKAGE)
         (folder / "meta.json").write_text(json.dumps({"parameters": converted.parameters,
                                                        "seconds": converted.seconds}))
 
@@ -253,12 +272,12 @@ def check_parity(run: Run, build: Build) -> Parity:
     settings = {"source": run.source_identity, "prompts": list(recipe.card.prompts),
                 "seed": recipe.parity.seed, "steps": recipe.parity.image_steps}
     for variant, packages in build.by_variant.items():
-        for component, package in packages.items():
-            def measure(folder: Path, component: str = component, package: Path = package) -> None:
-                measured = measure_component(recipe, run.source, component, package)
+        for component, chain in packages.items():
+            def measure(folder: Path, component: str = component, chain: tuple[Path, ...] = chain) -> None:
+                measured = measure_component(recipe, run.source, component, chain)
                 (folder / "psnr.json").write_text(json.dumps(measured.psnr_db))
 
-            entry = cached(run, "parity", {"component": component, "package": hash_path(package), **settings},
+            entry = cached(run, "parity", {"component": component, "package": hash_chain(chain), **settings},
                            f"{variant}/{component}", measure)
             measured = ComponentParity(component, json.loads((entry / "psnr.json").read_text()))
             parity.results += gate(recipe, variant, measured)
@@ -267,12 +286,16 @@ def check_parity(run: Run, build: Build) -> Parity:
     return parity
 
 
-def variant_images(run: Run, variant: str, packages: dict[str, Path], settings: dict) -> list[ImageParity]:
+def hash_chain(chain: tuple[Path, ...]) -> str:
+    return " + ".join(hash_path(package) for package in chain)
+
+
+def variant_images(run: Run, variant: str, packages: dict[str, tuple[Path, ...]], settings: dict) -> list[ImageParity]:
     def render(folder: Path) -> None:
-        results = image_parity(run.recipe, run.source, variant, packages, folder, {})
+        results = image_parity(run.recipe, run.source, variant, packages, folder)
         (folder / "images.json").write_text(json.dumps([result.model_dump() for result in results]))
 
-    hashes = {component: hash_path(package) for component, package in sorted(packages.items())}
+    hashes = {component: hash_chain(chain) for component, chain in sorted(packages.items())}
     entry = cached(run, "images", {"packages": hashes, **settings}, variant, render)
     results = [ImageParity.model_validate(item) for item in json.loads((entry / "images.json").read_text())]
     for result in results:
@@ -287,14 +310,14 @@ def weights_bytes(package: Path) -> int:
     return sum(file.stat().st_size for file in package.glob("Data/com.apple.CoreML/weights/*") if file.is_file())
 
 
-def component_report(recipe: Recipe, built: BuiltComponent, relative: str, variant: Variant) -> ComponentReport:
+def component_report(recipe: Recipe, built: BuiltComponent) -> ComponentReport:
     fp16_bytes = weights_bytes(built.converted)
     if recipe.conversion.precision_for(built.component) == "float32":
         fp16_bytes //= 2
     compressed_bytes = weights_bytes(built.package)
     return ComponentReport(
         component=built.component,
-        package=relative.removeprefix(f"{variant.folder_name}/"),
+        package="",
         parameters=built.parameters,
         fp16_bytes=fp16_bytes,
         compressed_bytes=compressed_bytes,
@@ -303,6 +326,17 @@ def component_report(recipe: Recipe, built: BuiltComponent, relative: str, varia
         convert_seconds=round(built.convert_seconds, 3),
         compress_seconds=round(built.compress_seconds, 3),
     )
+
+
+def part_report(whole: ComponentReport, name: str, package: Path, relative: str) -> ComponentReport:
+    """The report of one published package of a component: the whole component's, or a chunk's share
+    of it (the bisection splits the weights by bytes; both chunks keep the component's scheme)."""
+    compressed_bytes = weights_bytes(package)
+    share = compressed_bytes / whole.compressed_bytes if whole.compressed_bytes else 1.0
+    return whole.model_copy(update={
+        "component": name, "package": relative, "compressed_bytes": compressed_bytes,
+        "parameters": round(whole.parameters * share), "fp16_bytes": round(whole.fp16_bytes * share),
+    })
 
 
 def make_report(recipe: Recipe, source: LoadedSource, build: Build, parity: Parity,

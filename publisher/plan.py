@@ -83,7 +83,7 @@ def describe_plan(recipe_file: str | Path) -> str:
         f"family   {info.family or 'detected when loaded'}",
         f"target   {recipe.target.repo}" + (" (private)" if recipe.target.private else ""),
         f"convert  {recipe.conversion.precision}, {recipe.conversion.minimum_deployment_target.value}, "
-        f"UNet batch {recipe.conversion.unet_batch}",
+        f"UNet batch {recipe.conversion.unet_batch}" + (", UNet in two chunks" if recipe.conversion.chunk_unet else ""),
         "",
         f"{'package':<80} {'scheme':<40} {'params':>12} {'size':>10}",
     ]
@@ -94,8 +94,11 @@ def describe_plan(recipe_file: str | Path) -> str:
             params = count_parameters(model_folder(recipe, component), component)
             size = params * bits_per_weight(scheme) / 8 / 2**20 if params else None
             total += size or 0.0
+            package = package_path(variant.folder_name, recipe, component)
+            if component == "unet" and recipe.conversion.chunk_unet:
+                package = package.replace("_unet.mlpackage", "_unet_chunk1/2.mlpackage")
             lines.append(
-                f"{package_path(variant.folder_name, recipe, component):<80} "
+                f"{package:<80} "
                 f"{scheme.describe():<40} {params if params is not None else '?':>12} "
                 + (f"{'≈' + format(size, '.1f') + ' MiB':>10}" if size is not None else f"{'?':>10}")
             )

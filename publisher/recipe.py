@@ -140,6 +140,8 @@ class Conversion(_Strict):
     minimum_deployment_target: Target = Target.iOS16
     image_size: Annotated[int, Field(ge=64, le=2048, multiple_of=64)] | None = None
     unet_batch: Annotated[int, Field(ge=1, le=8)] = 2
+    # Apple's --chunk-unet: iOS maps large models badly, so UNets above ~6 bits ship as two packages.
+    chunk_unet: bool = False
 
     @field_validator("components")
     @classmethod
@@ -149,6 +151,12 @@ class Conversion(_Strict):
         if len(set(value)) != len(value):
             raise ValueError("a component is listed twice")
         return value
+
+    @model_validator(mode="after")
+    def _chunked_unet_is_converted(self) -> Conversion:
+        if self.chunk_unet and "unet" not in self.components:
+            raise ValueError("chunk_unet needs 'unet' in components")
+        return self
 
     def precision_for(self, component: str) -> Precision:
         if component in VAE_COMPONENTS and self.vae_precision is not None:

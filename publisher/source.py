@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
-from dataclasses import dataclass
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,13 +29,47 @@ class SourceInfo:
 
 @dataclass
 class LoadedSource:
-    """The loaded reference pipeline, in fp32 and eval mode."""
+    """The reference pipeline, in fp32 and eval mode.
+
+    Models named in ``loaded`` hold their weights; the others are built from their configs on the
+    meta device until :meth:`weights` loads them.
+    """
 
     pipe: Any
     family: Family
     license: str | None
     revision: str | None
     controlnet: Any = None
+    recipe: Recipe | None = None
+    model_classes: dict[str, str] = field(default_factory=dict)
+    loaded: set[str] = field(default_factory=set)
+
+    @contextmanager
+    def weights(self, *models: str) -> Iterator[None]:
+        """Hold the weights of ``models`` (pipeline folders such as ``unet``, or ``controlnet``) inside
+        the block, and drop them after it.
+
+        A run loads its source without weights and each stage asks for what one component needs,
+        so the process never holds more than that. Models already loaded stay loaded.
+        """
+        missing = [name for name in dict.fromkeys(models) if name not in self.loaded]
+        for name in missing:
+            self._install(name, _model(self.recipe, self.model_classes, name, weights=True))
+        self.loaded.update(missing)
+        try:
+            yield
+        finally:
+            for name in missing:
+                self._install(name, _model(self.recipe, self.model_classes, name, weights=False))
+            self.loaded.difference_update(missing)
+            release_memory()
+
+    def _install(self, name: str, model: Any) -> None:
+        model.eval().requires_grad_(False)
+        if name == "controlnet":
+            self.controlnet = model
+        else:
+            setattr(self.pipe, name, model)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -99,6 +138,21 @@ def inspect_source(recipe: Recipe) -> SourceInfo:
 # The pipeline model each component is made from; `controlnet` comes from source.controlnet instead.
 PIPELINE_MODEL = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
                   "control_unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+COMPONENT_MODEL = {**PIPELINE_MODEL, "controlnet": "controlnet"}
+
+
+def release_memory() -> None:
+    """Collect dropped modules and hand the freed heap back to the operating system.
+
+    glibc keeps freed small and mid-sized blocks for reuse; without the trim, a process that held a
+    UNet's weights once would keep their pages resident while it loads the next model.
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
 
 
 def _check_components(recipe: Recipe, present: tuple[str, ...], family: Family) -> None:
@@ -116,9 +170,9 @@ def _check_components(recipe: Recipe, present: tuple[str, ...], family: Family) 
 def load_source(recipe: Recipe, models: tuple[str, ...] | None = None) -> LoadedSource:
     """Load the pipeline with diffusers' own loader (a local folder or a pinned Hub revision).
 
-    ``models`` names the models whose weights are needed (pipeline folders such as ``unet``, plus
-    ``controlnet``); the others are built empty on the meta device, so their configs still answer
-    shape questions while a process converting one component holds that component's weights alone.
+    ``models`` names the models whose weights are loaded now (pipeline folders such as ``unet``,
+    plus ``controlnet``); the others are built empty on the meta device, so their configs still
+    answer shape questions, and :meth:`LoadedSource.weights` loads them when a stage needs them.
     All models load when ``models`` is None.
     """
     import torch
@@ -126,29 +180,27 @@ def load_source(recipe: Recipe, models: tuple[str, ...] | None = None) -> Loaded
 
     info = inspect_source(recipe)
     source = recipe.source
-
-    def wanted(name: str) -> bool:
-        return models is None or name in models
-
     location = _location(source)
     model_index = _model_index(location, source.revision)
-    given = {name: _empty_model(class_name, location, source.revision, name)
-             for name, class_name in _torch_models(model_index).items() if not wanted(name)}
+    classes = _torch_models(model_index)
+    if source.controlnet is not None:
+        classes["controlnet"] = "ControlNetModel"
+    loaded = set(classes if models is None else set(models) & set(classes))
+
+    def separate(name: str) -> bool:  # not in the pipeline's folders: from_pretrained cannot load it
+        return name == "controlnet" or (name == "vae" and source.vae is not None)
+
+    given = {name: _model(recipe, classes, name, weights=name in loaded)
+             for name in classes if separate(name) or name not in loaded}
+    controlnet = given.pop("controlnet", None)
     if "safety_checker" in model_index:  # never converted; only SD 1.x/2.x pipelines name one
         given["safety_checker"] = None
-    if source.vae is not None:
-        load = _load_model if wanted("vae") else _empty_model
-        given["vae"] = load("AutoencoderKL", _location(source.vae), source.vae.revision)
     try:
         pipe = DiffusionPipeline.from_pretrained(
             location, revision=source.revision, torch_dtype=torch.float32, **given
         )
     except OSError as exc:
         raise _load_error("the source pipeline", location, exc) from None
-    controlnet = None
-    if source.controlnet is not None:
-        load = _load_model if wanted("controlnet") else _empty_model
-        controlnet = load("ControlNetModel", _location(source.controlnet), source.controlnet.revision)
     license_id = info.license
     if source.repo is not None:
         license_id = _hub_license(source.repo, source.revision)
@@ -159,7 +211,21 @@ def load_source(recipe: Recipe, models: tuple[str, ...] | None = None) -> Loaded
     for module in (*pipe.components.values(), controlnet):
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
-    return LoadedSource(pipe=pipe, family=family, license=license_id, revision=source.revision, controlnet=controlnet)
+    return LoadedSource(pipe=pipe, family=family, license=license_id, revision=source.revision,
+                        controlnet=controlnet, recipe=recipe, model_classes=classes, loaded=loaded)
+
+
+def _model(recipe: Recipe, classes: dict[str, str], name: str, *, weights: bool) -> Any:
+    """One model of the source, with its weights or empty: a pipeline folder, the recipe's separate
+    VAE, or its ControlNet."""
+    source = recipe.source
+    origin, subfolder = source, name
+    if name == "controlnet":
+        origin, subfolder = source.controlnet, None
+    elif name == "vae" and source.vae is not None:
+        origin, subfolder = source.vae, None
+    build = _load_model if weights else _empty_model
+    return build(classes[name], _location(origin), origin.revision, subfolder)
 
 
 def _location(origin: ModelSource) -> str:
@@ -173,12 +239,14 @@ def _model_class(class_name: str) -> Any:
     return getattr(diffusers, class_name, None) or getattr(transformers, class_name)
 
 
-def _load_model(class_name: str, location: str, revision: str | None) -> Any:
-    """A single diffusers model (a replacement VAE, a ControlNet) from its own repo or folder."""
+def _load_model(class_name: str, location: str, revision: str | None, subfolder: str | None = None) -> Any:
+    """A single model from its repo or folder (``subfolder`` within a pipeline)."""
     import torch
 
     try:
-        return _model_class(class_name).from_pretrained(location, revision=revision, torch_dtype=torch.float32)
+        where = {"subfolder": subfolder} if subfolder else {}
+        return _model_class(class_name).from_pretrained(location, revision=revision, torch_dtype=torch.float32,
+                                                        **where)
     except OSError as exc:
         raise _load_error(f"the {class_name}", location, exc) from None
 

@@ -35,6 +35,7 @@ import numpy as np
 from publisher import __version__
 from publisher.cache import hash_path
 from publisher.card import SWIFT_RESOURCES, format_bytes, write_card
+from publisher.chunk import chains
 from publisher.device import DEVICE_RESULTS_NAME, DeviceResults, DeviceRun, read_device_results
 from publisher.errors import HubError, ParityError, PublisherError, RecipeError
 from publisher.hub import HubCall, PushResult, format_operations, format_summary, hub_errors, push_folder
@@ -146,14 +147,15 @@ class DeviceTools:
     Attributes:
         compile: ``(package, output folder) -> the .mlmodelc folder written there`` (Xcode's compiler).
         load: ``(compiled model, compute unit) -> its predict function`` (Core ML's runtime).
-        measure: ``(component, package) -> worst PSNR in dB`` of the Core ML runtime against the PyTorch
-            reference, as :func:`publisher.parity.measure_component` measures it.
+        measure: ``(component, packages) -> worst PSNR in dB`` of the Core ML runtime against the PyTorch
+            reference, as :func:`publisher.parity.measure_component` measures it; ``packages`` holds one
+            package, or a chunked UNet's two chunks in run order.
         device, os, tool_versions: what the device results record about the machine.
     """
 
     compile: Callable[[Path, Path], Path]
     load: Callable[[Path, str], Predict]
-    measure: Callable[[str, Path], float]
+    measure: Callable[[str, tuple[Path, ...]], float]
     device: str
     os: str
     tool_versions: dict[str, str]
@@ -203,10 +205,10 @@ def bench_device(folder: Path, repo_id: str, recipe: Recipe, tools: DeviceTools,
     with tempfile.TemporaryDirectory(prefix=f".{folder.name}.bench-", dir=folder.parent) as work:
         for variant in report.variants:
             packages = {c.component: folder / variant.folder / c.package for c in variant.components}
-            for component, package in packages.items():
-                key = hash_path(package)
+            for component, chain in chains(packages).items():
+                key = " + ".join(hash_path(package) for package in chain)
                 if key not in measured:
-                    measured[key] = tools.measure(component, package)
+                    measured[key] = tools.measure(component, chain)
                 threshold = recipe.parity.threshold(component)
                 result.parity.append(ParityResult(
                     component=component, variant=variant.folder, backend=COREML_RUNTIME,
@@ -452,7 +454,7 @@ def coreml_tools(recipe: Recipe) -> DeviceTools:
 
     from publisher.source import load_source
 
-    source = functools.cache(lambda: load_source(recipe))  # loaded once, and only if parity is measured
+    source = functools.cache(lambda: load_source(recipe, models=()))  # configs once; weights per component
 
     def compile_model(package: Path, out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
@@ -462,8 +464,8 @@ def coreml_tools(recipe: Recipe) -> DeviceTools:
     def load(compiled: Path, compute_unit: str) -> Predict:
         return ct.models.CompiledMLModel(str(compiled), compute_units=ct.ComputeUnit[compute_unit]).predict
 
-    def measure(component: str, package: Path) -> float:
-        return measure_component(recipe, source(), component, package, on=(COREML_RUNTIME,)).psnr_db[COREML_RUNTIME]
+    def measure(component: str, chain: tuple[Path, ...]) -> float:
+        return measure_component(recipe, source(), component, chain, on=(COREML_RUNTIME,)).psnr_db[COREML_RUNTIME]
 
     chip = _run(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
     model = _run(["sysctl", "-n", "hw.model"]).strip()

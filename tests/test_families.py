@@ -5,6 +5,8 @@ converting one component per process."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -299,6 +301,89 @@ def test_load_source_loads_only_the_models_asked_for(tmp_path):
     full = load_source(recipe)
     for component in ("unet", "vae_decoder"):  # shapes still come from the configs
         assert component_io(recipe, source, component) == component_io(recipe, full, component)
+
+
+def _is_meta(model: torch.nn.Module) -> bool:
+    return all(parameter.is_meta for parameter in model.parameters())
+
+
+def test_weights_load_a_model_for_the_block_and_drop_it_after(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, f"path: {TINY_SD}", "components: [unet, text_encoder]"))
+    source = load_source(recipe, models=())
+    assert source.loaded == set() and _is_meta(source.pipe.unet) and _is_meta(source.pipe.text_encoder)
+    reference = load_source(recipe).pipe.unet.state_dict()
+    with source.weights("unet"):
+        assert source.loaded == {"unet"} and _is_meta(source.pipe.text_encoder)
+        loaded = source.pipe.unet.state_dict()
+        assert all(torch.equal(loaded[name], value) for name, value in reference.items())
+        assert not source.pipe.unet.training
+    assert source.loaded == set() and _is_meta(source.pipe.unet)
+
+
+def test_weights_keep_models_that_were_already_loaded(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, f"path: {TINY_SD}", "components: [unet]"))
+    source = load_source(recipe, models=("unet",))
+    unet = source.pipe.unet
+    with source.weights("unet", "vae"):
+        assert source.pipe.unet is unet and not _is_meta(source.pipe.vae)
+    assert source.pipe.unet is unet and source.loaded == {"unet"} and _is_meta(source.pipe.vae)
+
+
+def test_weights_load_a_separate_vae_and_controlnet_from_their_own_sources(tiny_controlnet, tmp_path):
+    from diffusers import AutoencoderKL
+
+    other_vae = tmp_path / "other-vae"
+    torch.manual_seed(7)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(TINY_SD / "vae"))
+    vae.save_pretrained(other_vae)
+    recipe = load_recipe(write_recipe(
+        tmp_path,
+        f"path: {TINY_SD}\nvae:\n  path: {other_vae}\ncontrolnet:\n  path: {tiny_controlnet}",
+        "components: [vae_decoder, controlnet]",
+    ))
+    source = load_source(recipe, models=())
+    assert _is_meta(source.pipe.vae) and _is_meta(source.controlnet)
+    with source.weights("vae", "controlnet"):
+        assert torch.equal(source.pipe.vae.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+        assert not _is_meta(source.controlnet)
+    assert _is_meta(source.pipe.vae) and _is_meta(source.controlnet)
+
+
+def test_convert_in_subprocess_loads_the_controlnet_it_converts(tiny_controlnet, tmp_path):
+    recipe_file = write_recipe(tmp_path, f"path: {TINY_SD}\ncontrolnet:\n  path: {tiny_controlnet}",
+                               "components: [controlnet]\nprecision: float32")
+    recipe = load_recipe(recipe_file)
+    converted = convert_in_subprocess(recipe_file, "controlnet", "original", tmp_path / "controlnet.mlpackage")
+    assert parity_db(recipe, load_source(recipe), "controlnet", converted.package) > 60
+
+
+def _death_signal_after_setup(parent: int) -> int:
+    """In a spawned child: the converting process's setup, then the signal it asked to get when its
+    parent dies (PR_GET_PDEATHSIG)."""
+    import ctypes
+    import warnings
+
+    from publisher.convert import _mirror_parent
+
+    _mirror_parent(parent, {}, list(warnings.filters), None)
+    signal_number = ctypes.c_int()
+    ctypes.CDLL("libc.so.6").prctl(2, ctypes.byref(signal_number))
+    return signal_number.value
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_converting_process_dies_with_its_parent():
+    import multiprocessing
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.submit(_death_signal_after_setup, os.getpid()).result() == signal.SIGKILL
+    # A parent already gone when the child starts: the child exits at once instead of converting.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(_death_signal_after_setup, os.getpid() + 10**6).result()
 
 
 def test_convert_in_subprocess_reports_the_child_peak(tmp_path):

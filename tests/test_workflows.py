@@ -336,8 +336,8 @@ class FakeCoreML:
 
         return predict
 
-    def measure(self, component: str, package: Path) -> float:
-        assert package.is_dir()
+    def measure(self, component: str, chain: tuple[Path, ...]) -> float:
+        assert chain and all(package.is_dir() for package in chain)
         self.measured.append(component)
         return self.psnr_db
 
