@@ -22,7 +22,7 @@ from typing import Any
 
 from publisher.report import tool_versions
 
-STAGES = ("convert", "compress", "parity", "images")
+STAGES = ("convert", "compress", "chunk", "reference", "parity", "images")
 META = "entry.json"
 
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -161,7 +161,8 @@ def calibration(recipe: Recipe, source: LoadedSource, component: str) -> Calibra
     """The parity gate's inputs for ``component`` and the fp32 torch outputs on them."""
     from publisher.parity import reference_cases
 
-    return Calibration(*reference_cases(recipe, source, component))
+    reference = reference_cases(recipe, source, component)
+    return Calibration(reference.inputs, reference.outputs)
 
 
 def _psnr_of_mse(peak: float, mse: float) -> float:
@@ -173,31 +174,39 @@ def _mse(a: Outputs, b: Outputs) -> float:
 
 
 class _Weights:
-    """The executor program with its eligible weights swappable for palettized versions in place."""
+    """The executor program with its eligible weights swappable for palettized versions.
+
+    A swapped weight is a new tensor put where the steps read the original, and a reset puts the
+    original back: the weights are held once (an SDXL UNet's three copies would not fit in 16 GB).
+    """
 
     def __init__(self, package: Path, names: Iterable[str]):
         self.program = executor.load_program(package)
-        wanted = set(names)
-        originals = {name: self.program.constants[name] for name in wanted}
-        # Constants are views of read-only weight buffers: give each eligible one a writable copy
-        # and point the steps reading it there.
-        self.live = {name: tensor.clone() for name, tensor in originals.items()}
-        by_id = {id(tensor): self.live[name] for name, tensor in originals.items()}
+        self.tensors = {name: self.program.constants[name] for name in names}
+        self.original = {name: tensor.numpy() for name, tensor in self.tensors.items()}  # read-only views
+        owner = {id(tensor): name for name, tensor in self.tensors.items()}
+        self.uses: dict[str, list[tuple[dict[str, Any], str, int | None]]] = {name: [] for name in self.tensors}
         for step in self.program.steps:
             for key, value in step.inputs.items():
-                if isinstance(value, tuple):
-                    step.inputs[key] = tuple(by_id.get(id(v), v) for v in value)
-                elif isinstance(value, torch.Tensor):
-                    step.inputs[key] = by_id.get(id(value), value)
-        self.original = {name: tensor.numpy().copy() for name, tensor in self.live.items()}
+                items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+                for index, item in items:
+                    if id(item) in owner:
+                        self.uses[owner[id(item)]].append((step.inputs, key, index))
+
+    def _place(self, name: str, tensor: torch.Tensor) -> None:
+        for inputs, key, index in self.uses[name]:
+            if index is None:
+                inputs[key] = tensor
+            else:
+                inputs[key] = (*inputs[key][:index], tensor, *inputs[key][index + 1:])
 
     def set(self, name: str, value: np.ndarray) -> None:
-        with torch.inference_mode():
-            self.live[name].copy_(torch.from_numpy(value.reshape(self.original[name].shape)))
+        original = self.tensors[name]
+        self._place(name, torch.from_numpy(np.asarray(value).reshape(original.shape)).to(original.dtype))
 
     def reset(self, names: Iterable[str]) -> None:
         for name in names:
-            self.set(name, self.original[name])
+            self._place(name, self.tensors[name])
 
     def run(self, inputs: Inputs) -> Outputs:
         return executor.run(self.program, inputs, mode="fp32")

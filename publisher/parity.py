@@ -203,7 +203,34 @@ def reference_models(source: LoadedSource, component: str) -> tuple[str, ...]:
     return tuple(models)
 
 
-def reference_cases(recipe: Recipe, source: LoadedSource, component: str) -> tuple[list[Inputs], list[Outputs]]:
+@dataclass(frozen=True)
+class Reference:
+    """The inputs a component is checked on, and the fp32 torch reference's outputs on each.
+
+    It depends on the source and the recipe, not on any package: a run computes it once for all of
+    its variants, and the stage cache keeps it for the next run.
+    """
+
+    inputs: list[Inputs]
+    outputs: list[Outputs]
+
+    def save(self, path: Path) -> None:
+        arrays = {f"{kind}/{index}/{name}": value
+                  for kind, items in (("input", self.inputs), ("output", self.outputs))
+                  for index, item in enumerate(items) for name, value in item.items()}
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> Reference:
+        groups: dict[str, dict[int, Inputs]] = {"input": {}, "output": {}}
+        with np.load(path) as archive:
+            for key in archive.files:  # in the order saved: the torch reference takes inputs positionally
+                kind, index, name = key.split("/", 2)
+                groups[kind].setdefault(int(index), {})[name] = archive[key]
+        return cls(*([items[index] for index in sorted(items)] for items in groups.values()))
+
+
+def reference_cases(recipe: Recipe, source: LoadedSource, component: str) -> Reference:
     """The inputs ``component`` is checked on, and the fp32 reference's outputs on them.
 
     Only the models this needs hold weights, and only while it runs: the packages are then run with
@@ -213,30 +240,30 @@ def reference_cases(recipe: Recipe, source: LoadedSource, component: str) -> tup
         return _reference_cases(recipe, source, component)
 
 
-def _reference_cases(recipe: Recipe, source: LoadedSource, component: str) -> tuple[list[Inputs], list[Outputs]]:
+def _reference_cases(recipe: Recipe, source: LoadedSource, component: str) -> Reference:
     # A function of its own so that the module is gone before source.weights() releases its weights.
     io = component_io(recipe, source, component)
     module = reference_module(source, component)
     cases = component_inputs(recipe, source, component)
-    return cases, [_reference(module, case, io.outputs) for case in cases]
+    return Reference(cases, [_reference(module, case, io.outputs) for case in cases])
 
 
 def measure_component(recipe: Recipe, source: LoadedSource, component: str, package: Path | Sequence[Path],
-                      on: tuple[str, ...] | None = None) -> ComponentParity:
+                      on: tuple[str, ...] | None = None, reference: Reference | None = None) -> ComponentParity:
     """PSNR of ``package`` (or a chunked component's chain of packages) against the fp32 reference,
     per backend (worst output, worst case).
 
-    ``on`` limits the backends (default: every available one).
+    ``on`` limits the backends (default: every available one); ``reference`` is computed when not given.
     """
     outputs = component_io(recipe, source, component).outputs
-    cases, references = reference_cases(recipe, source, component)
+    reference = reference or reference_cases(recipe, source, component)
     results = {}
     programs: dict[Path, executor.LoadedProgram] = {}
     for backend in on or backends():
         run = _runner(package, backend, programs)
         results[backend] = min(
-            psnr(reference[name], run(case)[name])
-            for case, reference in zip(cases, references, strict=True)
+            psnr(expected[name], run(case)[name])
+            for case, expected in zip(reference.inputs, reference.outputs, strict=True)
             for name in outputs
         )
     return ComponentParity(component, results)
@@ -319,25 +346,35 @@ def package_runner(packages: Mapping[str, Path | Sequence[Path]], mode: executor
     return run
 
 
-def image_parity(recipe: Recipe, source: LoadedSource, variant: str, packages: Mapping[str, Path | Sequence[Path]],
-                 root: Path) -> list[ImageParity]:
-    """Denoise each recipe prompt with the reference and with ``packages``; save both as PNGs
-    under ``root/images/``.
+IMAGE_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
-    The reference images come first, with the torch weights loaded for them alone; the packages run
-    after those weights are released.
-    """
+
+def checks_images(recipe: Recipe, source: LoadedSource) -> bool:
+    """Whether the run draws end-to-end images: an SD 1.x/2.x text-to-image recipe with image steps."""
+    return (recipe.parity.image_steps > 0 and source.family != "sdxl"
+            and all(component in recipe.conversion.components for component in IMAGE_COMPONENTS))
+
+
+def reference_images(recipe: Recipe, source: LoadedSource) -> list[np.ndarray]:
+    """The reference pipeline's image for each recipe prompt, with the torch weights loaded for them
+    alone (the packages run after those weights are released). Empty when no images are checked."""
+    if not checks_images(recipe, source):
+        return []
+    with source.weights("text_encoder", "unet", "vae"):
+        return [denoise(recipe, source, prompt, reference_runner(recipe, source)) for prompt in recipe.card.prompts]
+
+
+def image_parity(recipe: Recipe, source: LoadedSource, variant: str, packages: Mapping[str, Path | Sequence[Path]],
+                 root: Path, references: list[np.ndarray]) -> list[ImageParity]:
+    """Denoise each recipe prompt with ``packages`` and compare with ``references`` (see
+    :func:`reference_images`); save both as PNGs under ``root/images/``."""
     from PIL import Image
 
-    needed = ("text_encoder", "unet", "vae_decoder")
-    if recipe.parity.image_steps == 0 or source.family == "sdxl" or not all(c in packages for c in needed):
+    if not references:
         return []
-    prompts = list(recipe.card.prompts)
-    with source.weights("text_encoder", "unet", "vae"):
-        references = [denoise(recipe, source, prompt, reference_runner(recipe, source)) for prompt in prompts]
-    run_package = package_runner({component: packages[component] for component in needed})
+    run_package = package_runner({component: packages[component] for component in IMAGE_COMPONENTS})
     results = []
-    for index, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
+    for index, (prompt, reference) in enumerate(zip(recipe.card.prompts, references, strict=True)):
         candidate = denoise(recipe, source, prompt, run_package)
         reference_path, variant_path = f"images/reference/{index}.png", f"images/{variant}/{index}.png"
         for relative, pixels in ((reference_path, reference), (variant_path, candidate)):

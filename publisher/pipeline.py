@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 from publisher import mixed_bit
@@ -24,7 +25,16 @@ from publisher.compress import compress_package
 from publisher.convert import convert_in_subprocess, image_size
 from publisher.hub import PushResult, format_operations, format_summary, push_folder
 from publisher.monitor import Monitor
-from publisher.parity import ComponentParity, gate, image_parity, measure_component
+from publisher.parity import (
+    ComponentParity,
+    Reference,
+    checks_images,
+    gate,
+    image_parity,
+    measure_component,
+    reference_cases,
+    reference_images,
+)
 from publisher.recipe import Recipe, Variant, load_recipe
 from publisher.report import (
     ComponentReport,
@@ -243,9 +253,11 @@ def build_component(run: Run, variant: Variant, component: str) -> BuiltComponen
     mixed = scheme.palettize.mixed if scheme.palettize else None
     analysed = mixed is not None and mixed.recipe is None
 
+    # A mixed-bit target is analysed on the parity gate's own inputs and reference outputs.
+    known = reference(run, component) if analysed else None
+    calibration = mixed_bit.Calibration(known.inputs, known.outputs) if known else None
+
     def compress(folder: Path) -> None:
-        # A mixed-bit target is analysed on the parity gate's own inputs and reference outputs.
-        calibration = mixed_bit.calibration(recipe, run.source, component) if analysed else None
         result = compress_package(converted / PACKAGE, scheme, folder / PACKAGE, component=component,
                                   calibration=calibration)
         if result.mixed is not None:
@@ -273,15 +285,18 @@ def check_parity(run: Run, build: Build) -> Parity:
                 "seed": recipe.parity.seed, "steps": recipe.parity.image_steps}
     for variant, packages in build.by_variant.items():
         for component, chain in packages.items():
-            def measure(folder: Path, component: str = component, chain: tuple[Path, ...] = chain) -> None:
-                measured = measure_component(recipe, run.source, component, chain)
+            known = reference(run, component)
+
+            def measure(folder: Path, component: str = component, chain: tuple[Path, ...] = chain,
+                        known: Reference = known) -> None:
+                measured = measure_component(recipe, run.source, component, chain, reference=known)
                 (folder / "psnr.json").write_text(json.dumps(measured.psnr_db))
 
             entry = cached(run, "parity", {"component": component, "package": hash_chain(chain), **settings},
                            f"{variant}/{component}", measure)
             measured = ComponentParity(component, json.loads((entry / "psnr.json").read_text()))
             parity.results += gate(recipe, variant, measured)
-        if recipe.parity.image_steps:
+        if checks_images(recipe, run.source):
             parity.images += variant_images(run, variant, packages, settings)
     return parity
 
@@ -290,9 +305,29 @@ def hash_chain(chain: tuple[Path, ...]) -> str:
     return " + ".join(hash_path(package) for package in chain)
 
 
+def reference(run: Run, component: str) -> Reference:
+    """The component's parity inputs and torch outputs: computed once, for every variant and run."""
+    entry = cached(run, "reference", {"component": component, **reference_settings(run)}, component,
+                   lambda folder: reference_cases(run.recipe, run.source, component).save(folder / "reference.npz"))
+    return Reference.load(entry / "reference.npz")
+
+
+def reference_settings(run: Run) -> dict:
+    recipe = run.recipe
+    return {"source": run.source_identity, "prompts": list(recipe.card.prompts), "parity": recipe.parity.model_dump(
+        mode="json", exclude={"min_psnr", "per_component"}), "conversion": recipe.conversion.model_dump(mode="json")}
+
+
 def variant_images(run: Run, variant: str, packages: dict[str, tuple[Path, ...]], settings: dict) -> list[ImageParity]:
+    def draw_references(folder: Path) -> None:
+        np.savez(folder / "images.npz", *reference_images(run.recipe, run.source))
+
+    with np.load(cached(run, "reference", {"images": True, **reference_settings(run)}, "images", draw_references)
+                 / "images.npz") as archive:
+        references = [archive[f"arr_{index}"] for index in range(len(archive.files))]
+
     def render(folder: Path) -> None:
-        results = image_parity(run.recipe, run.source, variant, packages, folder)
+        results = image_parity(run.recipe, run.source, variant, packages, folder, references)
         (folder / "images.json").write_text(json.dumps([result.model_dump() for result in results]))
 
     hashes = {component: hash_chain(chain) for component, chain in sorted(packages.items())}

@@ -184,3 +184,24 @@ def test_cli_plan_lists_packages_and_sizes():
     unet_line = next(line for line in result.stdout.splitlines() if "_unet.mlpackage" in line)
     assert " 792964 " in unet_line
     json.dumps(result.stdout)
+
+
+def test_a_second_variant_computes_only_its_unet_and_reuses_the_references(demo_output: Path, tmp_path: Path):
+    """The session cache holds the demo's stages: adding a Neural Engine variant converts, compresses
+    and checks its UNet and draws its images, and takes everything else, torch references included,
+    from the cache."""
+    recipe = tmp_path / "two-variants.yaml"
+    recipe.write_text(DEMO_RECIPE.read_text().replace("path: tiny-sd", f"path: {TINY_SOURCE}").replace(
+        "variants:\n", "variants:\n  - attention: split_einsum\n"))
+    result = subprocess.run([sys.executable, "-m", "publisher", "publish", str(recipe), "--out", str(tmp_path / "out")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    computed = sorted(line.split(" (")[0][2:] for line in lines if line.startswith("✓"))
+    assert computed == ["assemble", "compress split_einsum/unet (palettize 6-bit kmeans)", "convert split_einsum/unet",
+                        "images split_einsum", "load source", "parity split_einsum/unet", "render card"], lines
+    assert {line for line in lines if line.startswith("↷ reference")} == {
+        f"↷ reference {name} (cached)" for name in (*COMPONENTS, "images")}
+    report = PublishReport.read(tmp_path / "out")
+    assert [variant.folder for variant in report.variants] == ["split_einsum", "original"]
+    assert {image.variant for image in report.image_parity} == {"split_einsum", "original"}

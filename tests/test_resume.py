@@ -28,7 +28,7 @@ KILL_POINTS = [
     ("compress original/unet", "conversion of the VAE decoder"),
     ("convert original/vae_encoder", "compression of the VAE encoder"),
     ("parity original/text_encoder", "UNet parity"),
-    ("image parity original", "assembly"),
+    ("images original", "assembly"),
 ]
 
 
