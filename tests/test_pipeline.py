@@ -197,7 +197,7 @@ def test_a_second_variant_computes_only_its_unet_and_reuses_the_references(demo_
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
-    computed = sorted(line.split(" (")[0][2:] for line in lines if line.startswith("✓"))
+    computed = sorted(line.rsplit(" (", 1)[0][2:] for line in lines if line.startswith("✓"))
     assert computed == ["assemble", "compress split_einsum/unet (palettize 6-bit kmeans)", "convert split_einsum/unet",
                         "images split_einsum", "load source", "parity split_einsum/unet", "render card"], lines
     assert {line for line in lines if line.startswith("↷ reference")} == {
