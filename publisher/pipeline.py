@@ -1,6 +1,9 @@
 """The publish pipeline, top to bottom:
 
-recipe -> source -> convert -> compress -> parity -> card -> assemble -> (hub)
+recipe -> source -> convert -> compress (-> chunk) -> parity -> card -> assemble -> (hub)
+
+Every stage but the first and the last is cached (publisher/cache.py); parity's torch reference
+outputs are a cached stage of their own, shared by all variants.
 """
 
 from __future__ import annotations
