@@ -66,8 +66,9 @@ def test_killed_runs_resume_and_match_an_uninterrupted_run(demo_output: Path, tm
     for trigger, inside in KILL_POINTS:
         finished_before = _complete_entries(cache)
         lines, returncode = _run_until_killed(out, cache, trigger, delay=rng.uniform(0.0, 0.6))
-        if returncode == 0:
-            # Assembly takes a fraction of a second: the run may finish before the signal lands.
+        if returncode == 0 or (inside == "assembly" and out.exists()):
+            # Assembly takes a fraction of a second and ends in one rename: the run may finish, or
+            # be killed after the rename, before the signal lands. Either way the output is whole.
             assert inside == "assembly" and (out / "publish_report.json").is_file()
         else:
             assert returncode == -signal.SIGKILL
