@@ -76,7 +76,7 @@ def main() -> None:
             print(f"converted the UNet in {time.perf_counter() - started:.0f} s")
         calib = mixed_bit.calibration(recipe, source, "unet")
         cases = args.cases or (1 if args.full else len(calib.inputs))
-        calib = mixed_bit.Calibration(calib.inputs[:cases], calib.references[:cases])
+        calib = mixed_bit.Calibration(calib.inputs[:cases], calib.outputs[:cases])
         del source
 
         analysis = mixed_bit.analyze(package, calib, threshold, groups=args.groups or mixed_bit.DEFAULT_GROUPS)

@@ -40,6 +40,7 @@ import torch
 
 from publisher import executor
 from publisher.palettize import palettize
+from publisher.parity import Reference
 
 if TYPE_CHECKING:
     from publisher.recipe import Recipe
@@ -58,12 +59,8 @@ VERIFY_TRIES = 3
 FORMAT = "coreml-publisher/mixed-bit/1"
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """Inputs a component is analysed on and the fp32 torch reference outputs for each."""
-
-    inputs: list[Inputs]
-    references: list[Outputs]
+# Mixed-bit analysis calibrates on the parity gate's own inputs and reference outputs.
+Calibration = Reference
 
 
 @dataclass(frozen=True)
@@ -161,8 +158,7 @@ def calibration(recipe: Recipe, source: LoadedSource, component: str) -> Calibra
     """The parity gate's inputs for ``component`` and the fp32 torch outputs on them."""
     from publisher.parity import reference_cases
 
-    reference = reference_cases(recipe, source, component)
-    return Calibration(reference.inputs, reference.outputs)
+    return reference_cases(recipe, source, component)
 
 
 def _psnr_of_mse(peak: float, mse: float) -> float:
@@ -259,8 +255,8 @@ def analyze(package: Path, calib: Calibration, weight_threshold: int = 2048,
     probe = calib.inputs[0]
     stored = [weights.run(case) for case in calib.inputs]
     fp = stored[0]
-    base_mse = max(_mse(out, ref) for out, ref in zip(stored, calib.references, strict=True))
-    peak = min(max(float(np.abs(v).max()) for v in ref.values()) for ref in calib.references)
+    base_mse = max(_mse(out, ref) for out, ref in zip(stored, calib.outputs, strict=True))
+    peak = min(max(float(np.abs(v).max()) for v in ref.values()) for ref in calib.outputs)
     gains = np.zeros(len(layers))
     ref_column = widths.index(REFERENCE_NBITS)
     for group in sorted({layer.group for layer in layers}):
@@ -334,7 +330,7 @@ def _measure(weights: _Weights, calib: Calibration, layers: Mapping[str, int],
         original = weights.original[name]
         lut = luts.get((name, nbits))
         weights.set(name, _from_lut(original, palettize(original, nbits)[0] if lut is None else lut))
-    worst = min(psnr(ref[k], out[k]) for case, ref in zip(calib.inputs, calib.references, strict=True)
+    worst = min(psnr(ref[k], out[k]) for case, ref in zip(calib.inputs, calib.outputs, strict=True)
                 for out in (weights.run(case),) for k in ref)
     weights.reset(layers)
     return worst

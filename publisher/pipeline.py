@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from publisher import mixed_bit
 from publisher.assemble import assemble, check_destination, package_path, promote
 from publisher.cache import StageCache, hash_path, make_key
 from publisher.card import write_card
@@ -257,8 +256,7 @@ def build_component(run: Run, variant: Variant, component: str) -> BuiltComponen
     analysed = mixed is not None and mixed.recipe is None
 
     # A mixed-bit target is analysed on the parity gate's own inputs and reference outputs.
-    known = reference(run, component) if analysed else None
-    calibration = mixed_bit.Calibration(known.inputs, known.outputs) if known else None
+    calibration = reference(run, component) if analysed else None
 
     def compress(folder: Path) -> None:
         result = compress_package(converted / PACKAGE, scheme, folder / PACKAGE, component=component,

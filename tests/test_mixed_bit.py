@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
     convert_component(recipe, source, "unet", package)
     full = mixed_bit.calibration(recipe, source, "unet")
     # One of the parity gate's three timesteps keeps the suite fast; the gate itself checks all three below.
-    return recipe, source, package, mixed_bit.Calibration(full.inputs[:1], full.references[:1])
+    return recipe, source, package, mixed_bit.Calibration(full.inputs[:1], full.outputs[:1])
 
 
 @pytest.fixture(scope="module")
