@@ -100,10 +100,14 @@ def memory_cgroup(limit: float) -> Iterator[Path]:
     group = root / f"coreml-publisher-{os.getpid()}"
     try:
         group.mkdir()
-        (group / "memory.limit_in_bytes").write_text(str(int(limit)))
         # Bring along what this process already holds (imports, about 0.5 GB): v1 leaves it charged
-        # to the old group otherwise.
-        (group / "memory.move_charge_at_immigrate").write_text("3")
+        # to the old group otherwise. Kernels from 6.x refuse to (the setting is deprecated): the
+        # cap then shrinks by that much, so that the run and its imports still share ``limit``.
+        try:
+            (group / "memory.move_charge_at_immigrate").write_text("3")
+        except OSError:
+            limit -= psutil.Process().memory_info().rss
+        (group / "memory.limit_in_bytes").write_text(str(int(limit)))
         (group / "cgroup.procs").write_text(str(os.getpid()))
         # A page is charged to the group that first read it: drop the page cache so the weight
         # files the run maps count against its own limit, not against whoever read them before.
