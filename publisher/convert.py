@@ -232,13 +232,14 @@ def residual_names(count: int) -> tuple[str, ...]:
     return tuple(f"additional_residual_{index}" for index in range(count))
 
 
-def component_io(recipe: Recipe, source: LoadedSource, component: str) -> ComponentIO:
-    """Names, shapes and dtypes of a component's Core ML inputs and outputs."""
+def component_io(recipe: Recipe, source: LoadedSource, component: str, size: int | None = None) -> ComponentIO:
+    """Names, shapes and dtypes of a component's Core ML inputs and outputs, for images of ``size``
+    pixels (default: the recipe's)."""
     pipe = source.pipe
     # Apple feeds fp16 arrays to the fp16 UNet and VAE; token ids stay float32 (coremltools#1423),
     # as their Swift TextEncoder passes MLShapedArray<Float32>.
     float_dtype = np.float16 if recipe.conversion.precision_for(component) == "float16" else np.float32
-    latent = image_size(recipe, source) // source.vae_scale_factor
+    latent = (size or image_size(recipe, source)) // source.vae_scale_factor
     pixels = latent * source.vae_scale_factor
     batch = recipe.conversion.unet_batch
     sequence = source.tokenizer.model_max_length
@@ -334,6 +335,16 @@ def deployment_target(recipe: Recipe):
     return getattr(ct.target, recipe.conversion.minimum_deployment_target.value)
 
 
+# Tracing runs the model once. At 512 px that forward is most of a VAE's conversion (tens of
+# seconds; four times that at SDXL's 1024 px), so the VAE is traced on 8x8 latents and converted at
+# the recipe's shapes: it is convolutional, its trace records shapes as operations on the input's
+# size, and coremltools infers every shape from the ct.convert inputs (a size the trace had baked in
+# would fail that inference). The denoisers stay traced at full size: split_einsum_v2 decides its
+# query chunks from the sequence length seen while tracing.
+TRACED_SMALL = ("vae_decoder", "vae_encoder")
+TRACE_LATENT = 8
+
+
 def convert_component(
     recipe: Recipe, source: LoadedSource, component: str, package: Path, attention: Attention = "original"
 ) -> ConvertedComponent:
@@ -346,8 +357,10 @@ def convert_component(
     module = reference_module(source, component, attention)
     parameters = sum(parameter.numel() for parameter in module.parameters())
     io = component_io(recipe, source, component)
+    traced_io = component_io(recipe, source, component, TRACE_LATENT * source.vae_scale_factor) \
+        if component in TRACED_SMALL else io
     with torch.inference_mode(False), torch.no_grad():
-        traced = torch.jit.trace(module, example_inputs(io, source.tokenizer.vocab_size), check_trace=False)
+        traced = torch.jit.trace(module, example_inputs(traced_io, source.tokenizer.vocab_size), check_trace=False)
     # The trace's forward pass leaves its activations in glibc's free lists; hand them back before
     # coremltools makes its copies of the weights (about a third of a GB for SD 1.5's UNet).
     release_memory()

@@ -235,6 +235,30 @@ def test_controlnet_residuals_drive_the_control_unet_as_in_diffusers(tiny_contro
 # Recipe fields
 
 
+@pytest.mark.parametrize("component", ["vae_decoder", "vae_encoder"])
+def test_vae_traced_on_small_latents_computes_the_reference_at_the_recipes_size(tmp_path, monkeypatch, component):
+    recipe = load_recipe(write_recipe(tmp_path, f"path: {TINY_SD}", f"components: [{component}]\n"
+                                                                     "image_size: 128\nprecision: float32"))
+    source = load_source(recipe)
+    traced_shapes, trace = [], torch.jit.trace
+
+    def recording_trace(module, inputs, **options):
+        traced_shapes.append(tuple(inputs[0].shape))
+        return trace(module, inputs, **options)
+
+    monkeypatch.setattr(torch.jit, "trace", recording_trace)
+    package = tmp_path / f"{component}.mlpackage"
+    convert_component(recipe, source, component, package)
+
+    full = component_io(recipe, source, component).inputs[0].shape
+    per_latent = source.vae_scale_factor if component == "vae_encoder" else 1
+    latent_sides = {side // per_latent for side in traced_shapes[0][2:]}
+    assert latent_sides == {8} and traced_shapes[0][2] < full[2]
+    inputs, _ = io_of(package)
+    assert [shape for shape, _ in inputs.values()] == [full]
+    assert parity_db(recipe, source, component, package) > 100
+
+
 def test_vae_precision_applies_to_the_vae_only(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, f"path: {TINY_SD}", "components: [unet, vae_decoder]\n"
                                                                      "vae_precision: float32"))
