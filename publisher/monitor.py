@@ -26,11 +26,18 @@ def _tree_rss(process: psutil.Process) -> int:
 class Monitor:
     """Records each stage's cost and prints one line per finished step (nothing when quiet)."""
 
-    def __init__(self, *, quiet: bool = False, console: Console | None = None) -> None:
+    def __init__(self, *, quiet: bool = False, console: Console | None = None, spinner: bool = True) -> None:
         self.quiet = quiet
         self.console = console or Console(stderr=True, highlight=False)
+        self.spinner = spinner
         self.costs: list[StageCost] = []
         self._process = psutil.Process()
+
+    def beside(self) -> Monitor:
+        """A monitor for stages that run in another thread beside this monitor's: it prints to the
+        same console, without a spinner (a console shows one live display at a time), and keeps
+        costs of its own, so that each list is in its thread's order whatever the timing."""
+        return Monitor(quiet=self.quiet, console=self.console, spinner=False)
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -55,7 +62,8 @@ class Monitor:
         sampler.start()
         label = f"{name} {detail}".strip()
         started = time.perf_counter()
-        status = self.console.status(f"{label} ...") if not self.quiet and self.console.is_terminal else None
+        live = self.spinner and not self.quiet and self.console.is_terminal
+        status = self.console.status(f"{label} ...") if live else None
         try:
             if status:
                 status.start()

@@ -13,7 +13,8 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from publisher.convert import convert_in_subprocess, image_size
 from publisher.hub import PushResult, format_operations, format_summary, push_folder
 from publisher.monitor import Monitor
 from publisher.parity import (
+    DENOISERS,
     ComponentParity,
     Reference,
     checks_images,
@@ -37,7 +39,7 @@ from publisher.parity import (
     reference_cases,
     reference_images,
 )
-from publisher.recipe import Recipe, Variant, load_recipe
+from publisher.recipe import Recipe, Scheme, Variant, load_recipe
 from publisher.report import (
     ComponentReport,
     ImageParity,
@@ -49,7 +51,6 @@ from publisher.report import (
 )
 from publisher.source import LoadedSource, load_source, release_memory
 
-ATTENTION_COMPONENTS = ("unet", "control_unet", "controlnet")
 PACKAGE = "model.mlpackage"
 COST = "cost.json"
 
@@ -198,20 +199,21 @@ def cached(run: Run, stage: str, key_parts: dict, label: str, produce: Callable[
 
 def build_variants(run: Run) -> Build:
     recipe = run.recipe
+    built = build_components(run)
     build = Build()
     for variant in recipe.variants:
         reports = []
         for component in recipe.conversion.components:
-            built = build_component(run, variant, component)
-            whole = component_report(recipe, built)
-            parts = {component: built.package}
+            package = built[variant.folder_name, component]
+            whole = component_report(recipe, package)
+            parts = {component: package.package}
             if component == "unet" and recipe.conversion.chunk_unet:
-                parts = dict(zip(chunk_names(component), chunk_unet(run, variant, built.package), strict=True))
+                parts = dict(zip(chunk_names(component), chunk_unet(run, variant, package.package), strict=True))
             build.by_variant.setdefault(variant.folder_name, {})[component] = tuple(parts.values())
-            for name, package in parts.items():
+            for name, part in parts.items():
                 relative = package_path(variant.folder_name, recipe, name)
-                build.packages[relative] = package
-                reports.append(part_report(whole, name, package, relative.removeprefix(f"{variant.folder_name}/")))
+                build.packages[relative] = part
+                reports.append(part_report(whole, name, part, relative.removeprefix(f"{variant.folder_name}/")))
         build.variants.append(
             VariantReport(
                 folder=variant.folder_name,
@@ -223,43 +225,80 @@ def build_variants(run: Run) -> Build:
     return build
 
 
+def build_components(run: Run) -> dict[tuple[str, str], BuiltComponent]:
+    """Convert and compress every variant's components, keyed by (variant folder, component).
+
+    A denoiser's conversion is the run's memory peak, so the denoisers convert first, one at a
+    time, with nothing beside them. Conversion is single-threaded Python: the other components then
+    convert in the background, one process at a time, while this process compresses the denoisers
+    on the other core (SD 1.5's text encoder and VAE convert during its UNet's palettization). A
+    mixed-bit analysis runs a denoiser's whole program in fp32 and holds an SDXL runner's memory:
+    nothing converts beside it.
+    """
+    recipe = run.recipe
+    jobs = [(variant, component) for variant in recipe.variants for component in recipe.conversion.components]
+    denoisers = [(variant, component) for variant, component in jobs if component in DENOISERS]
+    others = [job for job in jobs if job not in denoisers]
+    converted = {job: convert(run, *job) for job in denoisers}
+    alone = any(needs_analysis(recipe.compression.for_component(component)) for _, component in denoisers)
+    beside = replace(run, monitor=run.monitor.beside())
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert") as background:
+        pending = [] if alone else [background.submit(convert, beside, *job) for job in others]
+        try:
+            built = {job: compress(run, *job, converted[job]) for job in denoisers}
+            converted |= {job: future.result() for job, future in zip(others, pending, strict=False)}
+        except BaseException:
+            background.shutdown(cancel_futures=True)
+            raise
+    # In the threads' own orders, so that the report does not depend on which finished first.
+    run.monitor.costs += beside.monitor.costs
+    built |= {job: compress(run, *job, converted.get(job) or convert(run, *job)) for job in others}
+    return {(variant.folder_name, component): built[variant, component] for variant, component in jobs}
+
+
 def chunk_unet(run: Run, variant: Variant, package: Path) -> tuple[Path, ...]:
     entry = cached(run, "chunk", {"package": hash_path(package)}, f"{variant.folder_name}/unet",
                    lambda folder: chunk_package(package, folder))
     return tuple(entry / f"{chunk}.mlpackage" for chunk in CHUNKS)
 
 
-def build_component(run: Run, variant: Variant, component: str) -> BuiltComponent:
+def convert(run: Run, variant: Variant, component: str) -> BuiltComponent:
     recipe = run.recipe
-    # Only the UNet's attention differs between variants: the others are shared through the cache.
-    attention = variant.attention if component in ATTENTION_COMPONENTS else "original"
+    # Only the denoisers' attention differs between variants: the others are shared through the cache.
+    attention = variant.attention if component in DENOISERS else "original"
 
-    def convert(folder: Path) -> None:
+    def produce(folder: Path) -> None:
         # In a process of its own, which loads this component's model alone and returns all of its
         # memory when it ends: the run's peak is its largest component's.
         converted = convert_in_subprocess(recipe.file, component, attention, folder / PACKAGE)
         (folder / "meta.json").write_text(json.dumps({"parameters": converted.parameters,
                                                        "seconds": converted.seconds}))
 
-    converted = cached(run, "convert", {
+    entry = cached(run, "convert", {
         "component": component, "attention": attention, "source": run.source_identity,
         "conversion": recipe.conversion.model_dump(mode="json", exclude={"components"}),
-    }, f"{variant.folder_name}/{component}", convert)
-    meta = json.loads((converted / "meta.json").read_text())
-    built = BuiltComponent(component, converted / PACKAGE, converted / PACKAGE, meta["parameters"],
-                           meta["seconds"], 0.0)
+    }, f"{variant.folder_name}/{component}", produce)
+    meta = json.loads((entry / "meta.json").read_text())
+    return BuiltComponent(component, entry / PACKAGE, entry / PACKAGE, meta["parameters"], meta["seconds"], 0.0)
+
+
+def needs_analysis(scheme: Scheme) -> bool:
+    """Whether compressing with ``scheme`` analyses the component: a mixed-bit target, not a stored recipe."""
+    mixed = scheme.palettize.mixed if scheme.palettize else None
+    return mixed is not None and mixed.recipe is None
+
+
+def compress(run: Run, variant: Variant, component: str, converted: BuiltComponent) -> BuiltComponent:
+    recipe = run.recipe
     scheme = recipe.compression.for_component(component)
     if scheme.is_none:
-        return built
-
-    mixed = scheme.palettize.mixed if scheme.palettize else None
-    analysed = mixed is not None and mixed.recipe is None
-
+        return converted
+    analysed = needs_analysis(scheme)
     # A mixed-bit target is analysed on the parity gate's own inputs and reference outputs.
     calibration = reference(run, component) if analysed else None
 
-    def compress(folder: Path) -> None:
-        result = compress_package(converted / PACKAGE, scheme, folder / PACKAGE, component=component,
+    def produce(folder: Path) -> None:
+        result = compress_package(converted.converted, scheme, folder / PACKAGE, component=component,
                                   calibration=calibration)
         if result.mixed is not None:
             result.mixed.save(folder / "mixed_bit.json")
@@ -267,12 +306,11 @@ def build_component(run: Run, variant: Variant, component: str) -> BuiltComponen
 
     calibration_inputs = {"source": run.source_identity, "prompts": list(recipe.card.prompts),
                           "seed": recipe.parity.seed} if analysed else {}
-    compressed = cached(run, "compress", {
-        "package": hash_path(converted / PACKAGE), "scheme": scheme.model_dump(mode="json"), **calibration_inputs,
-    }, f"{variant.folder_name}/{component} ({scheme.describe()})", compress)
-    built.package = compressed / PACKAGE
-    built.compress_seconds = json.loads((compressed / "meta.json").read_text())["seconds"]
-    return built
+    entry = cached(run, "compress", {
+        "package": hash_path(converted.converted), "scheme": scheme.model_dump(mode="json"), **calibration_inputs,
+    }, f"{variant.folder_name}/{component} ({scheme.describe()})", produce)
+    return replace(converted, package=entry / PACKAGE,
+                   compress_seconds=json.loads((entry / "meta.json").read_text())["seconds"])
 
 
 def check_parity(run: Run, build: Build) -> Parity:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import coremltools as ct
@@ -12,9 +15,16 @@ import numpy as np
 import pytest
 from huggingface_hub import ModelCard
 
+from publisher import pipeline
+from publisher.cache import StageCache
+from publisher.compress import CompressedComponent
+from publisher.convert import ConvertedComponent
 from publisher.errors import PublisherError
+from publisher.monitor import Monitor
 from publisher.pipeline import publish
+from publisher.recipe import load_recipe
 from publisher.report import PublishReport
+from publisher.source import load_source
 from tests.conftest import DEMO_RECIPE, ROOT, TINY_SOURCE
 
 PREFIX = "original/packages/Stable_Diffusion_version_tiny-sd-palettized"
@@ -205,3 +215,65 @@ def test_a_second_variant_computes_only_its_unet_and_reuses_the_references(demo_
     report = PublishReport.read(tmp_path / "out")
     assert [variant.folder for variant in report.variants] == ["split_einsum", "original"]
     assert {image.variant for image in report.image_parity} == {"split_einsum", "original"}
+
+
+class StageClock:
+    """Stands in for the conversion and compression workers: records when each ran, and on which thread."""
+
+    def __init__(self) -> None:
+        self.spans: dict[str, tuple[float, float, str]] = {}
+
+    def _span(self, name: str, seconds: float) -> None:
+        start = time.perf_counter()
+        time.sleep(seconds)
+        self.spans[name] = (start, time.perf_counter(), threading.current_thread().name)
+
+    def convert(self, recipe_file, component, attention, package: Path) -> ConvertedComponent:
+        self._span(f"convert {component}", 0.6 if component == "unet" else 0.2)
+        package.mkdir(parents=True)
+        (package / "weights.bin").write_text(component)
+        return ConvertedComponent(component, package, 1, 0.0)
+
+    def compress(self, converted: Path, scheme, out: Path, *, component, calibration) -> CompressedComponent:
+        self._span(f"compress {component}", 1.0 if component == "unet" else 0.05)
+        shutil.copytree(converted, out)
+        return CompressedComponent(out, 0.0)
+
+    def overlap(self, first: str, second: str) -> bool:
+        (a, b, _), (c, d, _) = self.spans[first], self.spans[second]
+        return a < d and c < b
+
+
+@pytest.mark.parametrize("mixed_bit", [False, True], ids=["uniform-unet", "mixed-bit-unet"])
+def test_other_components_convert_beside_the_unets_compression_only(tmp_path, monkeypatch, mixed_bit):
+    clock = StageClock()
+    monkeypatch.setattr(pipeline, "convert_in_subprocess", clock.convert)
+    monkeypatch.setattr(pipeline, "compress_package", clock.compress)
+    monkeypatch.setattr(pipeline, "reference", lambda run, component: None)
+    recipe_file = tmp_path / "recipe.yaml"
+    text = DEMO_RECIPE.read_text().replace("path: tiny-sd", f"path: {TINY_SOURCE}")
+    if mixed_bit:
+        text = text.replace("unet: {palettize: {nbits: 6, mode: kmeans}", "unet: {palettize: {mixed: {target_bits: 4}}")
+    recipe_file.write_text(text)
+    recipe = load_recipe(recipe_file)
+    monitor = Monitor(quiet=True)
+    source = load_source(recipe, models=())
+    run = pipeline.Run(recipe, source, "test", StageCache(tmp_path / "cache"), monitor, tmp_path)
+
+    built = pipeline.build_components(run)
+
+    assert set(built) == {("original", component) for component in COMPONENTS}
+    others = [f"convert {component}" for component in COMPONENTS if component != "unet"]
+    # The UNet's conversion, the run's memory peak, has nothing beside it.
+    assert not any(clock.overlap("convert unet", name) for name in clock.spans if name != "convert unet")
+    beside = [clock.spans[name][2] != threading.current_thread().name for name in others]
+    assert beside == [not mixed_bit] * len(others)
+    assert clock.overlap("compress unet", "convert text_encoder") is not mixed_bit
+    # The report lists this thread's stages, then the background's, whichever finished first.
+    stages = [cost.stage.split(" (")[0] for cost in monitor.costs]
+    rest = [component for component in COMPONENTS if component != "unet"]
+    converted = [f"convert original/{component}" for component in rest]
+    compressed = [f"compress original/{component}" for component in rest]
+    in_turn = [stage for pair in zip(converted, compressed, strict=True) for stage in pair]
+    assert stages == ["convert original/unet", "compress original/unet",
+                      *(in_turn if mixed_bit else converted + compressed)]

@@ -21,12 +21,13 @@ import pytest
 from publisher.cache import META, STAGES, StageCache
 from tests.conftest import DEMO_RECIPE, ROOT
 
-# (line that must appear first, the stage that then runs and gets killed)
+# (line that must appear first, the stage that then runs and gets killed). Each line comes where a
+# run goes on in one thread: the other components' conversions run beside the UNet's compression, in
+# a timing-dependent order, and are joined before the text encoder is compressed.
 KILL_POINTS = [
-    ("convert original/text_encoder", "compression of the text encoder"),
-    ("compress original/text_encoder", "conversion of the UNet"),
-    ("compress original/unet", "conversion of the VAE decoder"),
-    ("convert original/vae_encoder", "compression of the VAE encoder"),
+    ("convert original/unet", "the UNet's compression and the text encoder's conversion beside it"),
+    ("compress original/text_encoder", "compression of the VAE decoder"),
+    ("compress original/vae_decoder", "compression of the VAE encoder"),
     ("parity original/text_encoder", "UNet parity"),
     ("images original", "assembly"),
 ]
