@@ -77,9 +77,9 @@ def phase_convert(out: Path) -> dict:
     """Trace and convert the UNet to an fp16 ML Program (iOS16), once; cached."""
     import coremltools as ct
 
-    from publisher.convert import install_frontend_fixes
+    from publisher.convert import install_coremltools_fixes
 
-    install_frontend_fixes()
+    install_coremltools_fixes()
     start = time.perf_counter()
     wrapped = _TensorsOnly(_unet()).eval()
     example = tuple(torch.from_numpy(v) for v in _inputs().values())

@@ -281,7 +281,7 @@ def example_inputs(io: ComponentIO, vocab_size: int, seed: int = 0) -> tuple[tor
 
 
 # ---------------------------------------------------------------------------------------------
-# coremltools' torch frontend fix
+# coremltools fixes
 
 
 def _install_numpy2_cast_fix() -> None:
@@ -319,10 +319,38 @@ def _install_numpy2_cast_fix() -> None:
     register_torch_op(_bool, torch_alias=["bool"], override=True)
 
 
+def fits_fp16(value: Any) -> bool:
+    """Whether the finite part of ``value`` (magnitudes under 1e38) lies within fp16's range.
+
+    What coremltools' fp16 pass asks of every fp32 constant, answered with two masked reductions:
+    its own check indexes the values through ``np.where`` (five int64 index arrays for a conv weight,
+    40 bytes per element), which took about a third of SD 1.5's UNet conversion.
+    """
+    value = np.asarray(value)
+    return not (np.max(value, where=value < 1e38, initial=0.0) > 65504
+                or np.min(value, where=value > -1e38, initial=0.0) < -65504)
+
+
+def _install_fp16_overflow_fix() -> None:
+    """coremltools 9.0's ``FP16ComputePrecision.fp16_overflow`` with :func:`fits_fp16` as its check."""
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    def fp16_overflow(op: Any) -> bool:
+        for inputs in op.inputs.values():
+            for var in inputs if isinstance(inputs, list | tuple) else [inputs]:
+                if (var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32")
+                        and not fits_fp16(var.op.val.val)):
+                    return True
+        return False
+
+    FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
+
+
 @functools.cache
-def install_frontend_fixes() -> None:
-    """Register the frontend fixes once per process, before the first conversion."""
+def install_coremltools_fixes() -> None:
+    """Install the fixes once per process, before the first conversion."""
     _install_numpy2_cast_fix()
+    _install_fp16_overflow_fix()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +380,7 @@ def convert_component(
     ML Program saved at ``package``."""
     import coremltools as ct
 
-    install_frontend_fixes()
+    install_coremltools_fixes()
     started = time.perf_counter()
     module = reference_module(source, component, attention)
     parameters = sum(parameter.numel() for parameter in module.parameters())

@@ -22,7 +22,7 @@ ct = pytest.importorskip("coremltools")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from publisher.convert import install_frontend_fixes  # noqa: E402
+from publisher.convert import install_coremltools_fixes  # noqa: E402
 from publisher.executor import load_program, run  # noqa: E402
 
 
@@ -114,7 +114,7 @@ _IDS = ["-".join(v.values if hasattr(v, "values") else v) for v in VARIANTS]
 @functools.cache
 def traced(name: str) -> tuple:
     """The traced model `name`, its example inputs and torch's fp32 outputs (traced once per session)."""
-    install_frontend_fixes()
+    install_coremltools_fixes()
     torch.manual_seed(0)
     model, call, inputs = MODELS[name]()
     wrapped = TensorsOnly(model.eval(), call).eval()
