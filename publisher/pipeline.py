@@ -38,6 +38,7 @@ from publisher.parity import (
     measure_component,
     reference_cases,
     reference_images,
+    unet_from_images,
 )
 from publisher.recipe import Recipe, Scheme, Variant, load_recipe
 from publisher.report import (
@@ -114,6 +115,11 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
     remove_abandoned_work(out)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-{os.getpid()}-", dir=out.parent))
     # coremltools writes temporary packages to the temp dir and does not always delete them.
+    # torch._dynamo records a cache folder under the temp dir when first imported (diffusers imports
+    # it lazily, e.g. in a scheduler's step): imported in the work folder, that path would outlive
+    # it in this process and in the environment its children inherit.
+    import torch._dynamo  # noqa: F401
+
     previous_tempdir, tempfile.tempdir = tempfile.tempdir, str(work)
     try:
         with monitor.stage("load source", record=False):
@@ -346,9 +352,24 @@ def hash_chain(chain: tuple[Path, ...]) -> str:
 
 def reference(run: Run, component: str) -> Reference:
     """The component's parity inputs and torch outputs: computed once, for every variant and run."""
+    if component == "unet" and unet_from_images(run.recipe, run.source):
+        return Reference.load(images_reference(run) / "unet.npz")
     entry = cached(run, "reference", {"component": component, **reference_settings(run)}, component,
                    lambda folder: reference_cases(run.recipe, run.source, component).save(folder / "reference.npz"))
     return Reference.load(entry / "reference.npz")
+
+
+def images_reference(run: Run) -> Path:
+    """The cache entry of the reference images (``images.npz``), and of the UNet cases their
+    denoising gives (``unet.npz``, see :func:`publisher.parity.unet_from_images`)."""
+    def draw(folder: Path) -> None:
+        drawn = reference_images(run.recipe, run.source)
+        np.savez(folder / "images.npz", *drawn.images)
+        if drawn.unet is not None:
+            drawn.unet.save(folder / "unet.npz")
+
+    return cached(run, "reference", {"images": True, "unet": unet_from_images(run.recipe, run.source),
+                                     **reference_settings(run)}, "images", draw)
 
 
 def reference_settings(run: Run) -> dict:
@@ -358,11 +379,7 @@ def reference_settings(run: Run) -> dict:
 
 
 def variant_images(run: Run, variant: str, packages: dict[str, tuple[Path, ...]], settings: dict) -> list[ImageParity]:
-    def draw_references(folder: Path) -> None:
-        np.savez(folder / "images.npz", *reference_images(run.recipe, run.source))
-
-    with np.load(cached(run, "reference", {"images": True, **reference_settings(run)}, "images", draw_references)
-                 / "images.npz") as archive:
+    with np.load(images_reference(run) / "images.npz") as archive:
         references = [archive[f"arr_{index}"] for index in range(len(archive.files))]
 
     def render(folder: Path) -> None:

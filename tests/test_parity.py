@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import struct
 import subprocess
@@ -157,3 +158,37 @@ def test_two_bit_unet_fails_with_exit_code_3_and_no_output(tmp_path: Path):
     assert result.stderr.startswith("error: parity failed: unet (original) reaches ")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == [recipe]
+
+
+def test_unet_cases_are_the_reference_images_denoising_at_three_noise_levels(demo_source):
+    recipe, source = demo_source
+    drawn = parity.reference_images(recipe, source)
+    cases = parity.reference_cases(recipe, source, "unet")
+    scheduler = copy.deepcopy(source.pipe.scheduler)
+    scheduler.set_timesteps(recipe.parity.image_steps)
+    steps = scheduler.timesteps.numpy()
+    picks = np.linspace(0, len(steps) - 1, parity.UNET_TIMESTEP_SAMPLES).round().astype(int)
+    assert [case["timestep"][0] for case in cases.inputs] == list(steps[picks].astype(np.float32))
+    assert picks[0] == 0 and picks[-1] == len(steps) - 1
+    for taken, again in zip(cases.inputs + cases.outputs, drawn.unet.inputs + drawn.unet.outputs, strict=True):
+        assert all(np.array_equal(taken[name], again[name]) for name in taken)
+    # Each case is a step of the first prompt's denoising: the torch UNet's own output on it, on
+    # latents that leave pure noise behind as the steps go on.
+    with source.weights("unet"):
+        module = parity.reference_module(source, "unet")
+        for case, expected in zip(cases.inputs, cases.outputs, strict=True):
+            again = parity._reference(module, case, ("noise_pred",))
+            assert np.allclose(again["noise_pred"], expected["noise_pred"], atol=1e-5)
+    noise = np.random.default_rng(0).standard_normal(cases.inputs[0]["sample"].shape)
+    spread = [float(np.std(case["sample"])) for case in cases.inputs]
+    assert spread[0] == pytest.approx(float(np.std(noise)) * scheduler.init_noise_sigma, rel=0.1)
+    assert spread[-1] != pytest.approx(spread[0], rel=0.05)
+
+
+def test_fewer_image_steps_than_noise_levels_keep_three_random_unet_cases(demo_source):
+    recipe, source = demo_source
+    few = recipe.model_copy(update={"parity": recipe.parity.model_copy(update={"image_steps": 2})})
+    assert not parity.unet_from_images(few, source) and parity.unet_from_images(recipe, source)
+    cases = parity.reference_cases(few, source, "unet")
+    assert len(cases.inputs) == parity.UNET_TIMESTEP_SAMPLES
+    assert len({float(case["timestep"][0]) for case in cases.inputs}) == parity.UNET_TIMESTEP_SAMPLES
