@@ -99,6 +99,8 @@ class Run:
     cache: StageCache
     monitor: Monitor
     work: Path
+    entries: dict[str, Path] = field(default_factory=dict)
+    """Stage key -> cache entry, for each entry this run made or reused: one line and one cost each."""
 
 
 def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOptions | None = None,
@@ -186,21 +188,25 @@ def source_identity(recipe: Recipe) -> str:
 def cached(run: Run, stage: str, key_parts: dict, label: str, produce: Callable[[Path], None]) -> Path:
     """The cache entry for ``stage``: reused when present, else made by ``produce(folder)``."""
     key = make_key(stage, key_parts)
+    if key in run.entries:
+        return run.entries[key]
     entry = run.cache.lookup(stage, key)
     if entry is not None:
         run.monitor.say(f"[cyan]↷[/cyan] {stage} {label} [dim](cached)[/dim]")
         # The report keeps the cost measured when the entry was made, so a resumed or repeated run
         # reports (and publishes) the same numbers.
         run.monitor.costs.append(StageCost.model_validate_json((entry / COST).read_text()))
-        return entry
-    with run.cache.store(stage, key, label) as folder:
-        with run.monitor.stage(stage, label):
-            produce(folder)
-            # What a stage freed stays in this long-lived process's heap otherwise, under the next
-            # stage's peak (2 GB after compressing SD 1.5's UNet).
-            release_memory()
-        (folder / COST).write_text(run.monitor.costs[-1].model_dump_json())
-    return run.cache.root / stage / key
+    else:
+        with run.cache.store(stage, key, label) as folder:
+            with run.monitor.stage(stage, label):
+                produce(folder)
+                # What a stage freed stays in this long-lived process's heap otherwise, under the
+                # next stage's peak (2 GB after compressing SD 1.5's UNet).
+                release_memory()
+            (folder / COST).write_text(run.monitor.costs[-1].model_dump_json())
+        entry = run.cache.root / stage / key
+    run.entries[key] = entry
+    return entry
 
 
 def build_variants(run: Run) -> Build:
