@@ -81,11 +81,26 @@ def matched_weights(weights: list[Weight], overrides: tuple[Override, ...]) -> d
     return {w.name: o for w in weights if (o := _last_match(w, overrides)) is not None}
 
 
-def _by_reader(weights: list[Weight], configs: dict[str, Any]) -> dict[str, Any]:
+def _by_reader(weights: list[Weight], configs: dict[str, Any], default: Any) -> dict[str, Any]:
+    """``op_name_configs`` giving each named weight its config (``default`` is the global one)."""
     # Keyed by the reading ops, not the constants: a constant compressed by an earlier pass is
     # replaced by constexpr ops of new names, while its readers keep theirs.
     by_name = {w.name: w for w in weights}
-    return {reader: config for name, config in configs.items() for reader in by_name[name].consumers}
+    named = {reader: config for name, config in configs.items() for reader in by_name[name].consumers}
+
+    def fallback(*op_types: str) -> Any:
+        return None if set(op_types) & set(SKIPPED_OP_TYPES) else default
+
+    # coremltools refuses a constant whose readers have different configs, and its const
+    # deduplication makes such constants of equal tensors (a random-weight SDXL UNet's zero biases,
+    # read by a LayerNorm and by a palettized linear): they are keyed by their own name, which
+    # coremltools looks up before their readers'.
+    for weight in weights:
+        seen = [named.get(reader, fallback(kind)) for reader, kind in zip(weight.consumers, weight.consumer_types,
+                                                                           strict=True)]
+        if any(config != seen[0] for config in seen):
+            named[weight.name] = configs.get(weight.name, fallback(*weight.consumer_types))
+    return named
 
 
 def palettizer_config(palettize: Palettize, weight_threshold: int):
@@ -174,7 +189,7 @@ def stage_configs(package: Path, scheme: Scheme, mixed: MixedBitRecipe | None = 
     for stage, maker in makers.items():
         given = getattr(scheme, stage)
         base = maker(given, threshold) if given is not None and not (stage == "palettize" and mixed) else None
-        named = _by_reader(weights, per_weight[stage])
+        named = _by_reader(weights, per_weight[stage], base)
         if base is None and not any(config is not None for config in named.values()):
             continue
         configs[stage] = OptimizationConfig(global_config=base, op_type_configs=_op_type_configs(),

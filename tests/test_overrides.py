@@ -12,7 +12,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.frontend.milproto import load as milproto
 
 from publisher import executor
-from publisher.compress import compress_package
+from publisher.compress import compress_package, program_weights
 from publisher.errors import RecipeError
 from publisher.mixed_bit import MixedBitRecipe
 from publisher.parity import psnr
@@ -114,6 +114,32 @@ def test_overrides_win_over_a_mixed_bit_recipe(package: Path, tmp_path: Path):
     })
     assert weight_forms(out) == {"time_embedding_linear": "lut4", "attn1_to_q": "lut16", "attn1_to_k": "float",
                                  "ff_net": "lut256"}
+
+
+def test_a_constant_shared_by_differently_compressed_ops_keeps_its_own_config(tmp_path: Path):
+    """Const deduplication shares equal tensors between ops: here one zero vector is a LayerNorm's
+    beta and a linear's bias, and only the linear's weight is palettized (as a random-weight SDXL
+    UNet's mixed-bit recipe does; coremltools refused it as a config conflict)."""
+    rng = np.random.default_rng(1)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, WIDTH))])
+    def program(x):
+        zeros = mb.const(val=np.zeros(WIDTH, np.float32), name="unet_norm_bias")
+        x = mb.layer_norm(x=x, axes=[-1], gamma=np.ones(WIDTH, np.float32), beta=zeros, name="norm_op")
+        weight = mb.const(val=rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) / 8, name="unet_attn1_to_q_weight")
+        return mb.linear(x=x, weight=weight, bias=zeros, name="attn1_to_q_op")
+
+    shared = tmp_path / "shared.mlpackage"
+    ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+               compute_precision=ct.precision.FLOAT16, skip_model_load=True).save(str(shared))
+    readers = {w.name: w.consumers for w in program_weights(shared)}
+    assert len(readers["unet_norm_bias_to_fp16"]) == 2
+    stored = tmp_path / "mixed.json"
+    MixedBitRecipe("unet", {"unet_attn1_to_q_weight_to_fp16": 4}, 4.0).save(stored)
+    out = compress(shared, tmp_path, {"palettize": {"mixed": {"recipe": str(stored)}}, "weight_threshold": 32})
+    assert weight_forms(out) == {"attn1_to_q": "lut16"}
+    x = {"x": rng.standard_normal((2, WIDTH)).astype(np.float32)}
+    assert psnr(executor.run(shared, x)["attn1_to_q_op"], executor.run(out, x)["attn1_to_q_op"]) > 20
 
 
 def test_a_mixed_bit_recipe_for_another_model_is_refused(package: Path, tmp_path: Path):
