@@ -216,11 +216,11 @@ def build_variants(run: Run) -> Build:
     for variant in recipe.variants:
         reports = []
         for component in recipe.conversion.components:
-            package = built[variant.folder_name, component]
-            whole = component_report(recipe, package)
-            parts = {component: package.package}
+            made = built[variant.folder_name, component]
+            whole = component_report(recipe, made)
+            parts = {component: made.package}
             if component == "unet" and recipe.conversion.chunk_unet:
-                parts = dict(zip(chunk_names(component), chunk_unet(run, variant, package.package), strict=True))
+                parts = dict(zip(chunk_names(component), chunk_unet(run, variant, made.package), strict=True))
             build.by_variant.setdefault(variant.folder_name, {})[component] = tuple(parts.values())
             for name, part in parts.items():
                 relative = package_path(variant.folder_name, recipe, name)
