@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from publisher.mixed_bit import Calibration, MixedBitRecipe, build_recipe
-from publisher.palettize import palettize_config
+from publisher.palettize import install_packing_fix, palettize_config
 from publisher.recipe import Override, Palettize, Prune, Quantize, Scheme
 
 # Apple leaves embedding tables (`gather`) uncompressed: palettized embeddings cost text-encoder
@@ -209,6 +209,7 @@ def compress_package(package: Path, scheme: Scheme, out: Path, component: str = 
     from coremltools.optimize.coreml import linear_quantize_weights, palettize_weights, prune_weights
 
     started = time.perf_counter()
+    install_packing_fix()
     mixed = None
     if scheme.palettize and scheme.palettize.mixed:
         mixed = mixed_recipe(package, scheme, component, calibration)

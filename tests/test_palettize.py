@@ -11,9 +11,21 @@ import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+from coremltools.optimize import _utils as coremltools_utils
 from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
 
-from publisher.palettize import VALID_NBITS, kmeans_1d, lut_function, palettize, palettize_config
+from publisher.palettize import (
+    VALID_NBITS,
+    install_packing_fix,
+    kmeans_1d,
+    lut_function,
+    pack_bits,
+    palettize,
+    palettize_config,
+)
+
+# Taken at collection, before any test installs the packing fix.
+COREMLTOOLS_PACK = coremltools_utils.pack_elements_into_bits
 
 SSE_RATIO = 1.001
 
@@ -249,6 +261,43 @@ def test_grouped_channels_through_coremltools_blockwise_compress():
 def unpack_lsb_first(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
     bits = np.unpackbits(packed, bitorder="little")[: count * nbits].reshape(count, nbits)
     return bits.astype(np.int64) @ (1 << np.arange(nbits))
+
+
+@pytest.mark.parametrize("nbits", range(1, 9))
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int32])
+def test_pack_bits_gives_coremltools_bytes(nbits, dtype):
+    assert COREMLTOOLS_PACK.__module__ == "coremltools.optimize._utils"
+    signed = np.issubdtype(dtype, np.signedinteger)
+    low, high = (-(1 << (nbits - 1)), 1 << (nbits - 1)) if signed else (0, 1 << nbits)
+    rng = np.random.default_rng(nbits)
+    for count in (1, 2, 3, 5, 7, 8, 9, 13, 24, 1001):
+        elements = rng.integers(low, high, count).astype(dtype)
+        elements[0] = low  # both ends of the range, whatever the draw
+        elements[-1] = high - 1
+        packed = pack_bits(elements.reshape(1, -1) if count % 2 else elements, nbits)
+        assert packed.dtype == np.uint8 and packed.size == -(-count * nbits // 8)
+        assert np.array_equal(packed, COREMLTOOLS_PACK(elements, nbits))
+        unsigned = unpack_lsb_first(packed, nbits, count)
+        assert np.array_equal(np.where(unsigned >= high, unsigned - (1 << nbits), unsigned), elements)
+
+
+def test_pack_bits_refuses_what_coremltools_refuses():
+    with pytest.raises(ValueError, match="integers"):
+        pack_bits(np.zeros(4, np.float16), 4)
+    with pytest.raises(ValueError, match=r"\[0, 63\]"):
+        pack_bits(np.array([0, 64], np.uint8), 6)
+    with pytest.raises(ValueError, match=r"\[-4, 3\]"):
+        pack_bits(np.array([-5, 0], np.int8), 3)
+
+
+def test_packing_fix_reaches_the_palettization_pass():
+    install_packing_fix()
+    assert coremltools_utils.pack_elements_into_bits is pack_bits
+    lut = np.arange(64, dtype=np.float16).reshape(1, 1, 64, 1)
+    indices = np.random.default_rng(0).integers(0, 64, (8, 4)).astype(np.uint8)
+    params = coremltools_utils.LutParams(indices=indices, lut=lut, vector_axis=None)
+    ios16 = coremltools_utils.ios18_lut_params_to_ios16(params)
+    assert np.array_equal(ios16.indices, COREMLTOOLS_PACK(indices, 6))
 
 
 @pytest.mark.parametrize(
