@@ -252,16 +252,18 @@ def _reference_cases(recipe: Recipe, source: LoadedSource, component: str) -> Re
 
 
 def measure_component(recipe: Recipe, source: LoadedSource, component: str, package: Path | Sequence[Path],
-                      on: tuple[str, ...] | None = None, reference: Reference | None = None) -> ComponentParity:
+                      on: tuple[str, ...] | None = None, reference: Reference | None = None,
+                      programs: dict[Path, executor.LoadedProgram] | None = None) -> ComponentParity:
     """PSNR of ``package`` (or a chunked component's chain of packages) against the fp32 reference,
     per backend (worst output, worst case).
 
     ``on`` limits the backends (default: every available one); ``reference`` is computed when not given.
+    Executor programs are loaded into ``programs`` when given (a caller that runs them again).
     """
     outputs = component_io(recipe, source, component).outputs
     reference = reference or reference_cases(recipe, source, component)
     results = {}
-    programs: dict[Path, executor.LoadedProgram] = {}
+    programs = {} if programs is None else programs
     for backend in on or backends():
         run = _runner(package, backend, programs)
         results[backend] = min(
@@ -344,8 +346,10 @@ def reference_runner(recipe: Recipe, source: LoadedSource) -> Callable[[str, Inp
     return run
 
 
-def package_runner(packages: Mapping[str, Path | Sequence[Path]], mode: executor.Mode = "fp16"):
-    runners = {component: _runner(package, f"executor-{mode}") for component, package in packages.items()}
+def package_runner(packages: Mapping[str, Path | Sequence[Path]], mode: executor.Mode = "fp16",
+                   programs: dict[Path, executor.LoadedProgram] | None = None):
+    programs = {} if programs is None else programs
+    runners = {component: _runner(package, f"executor-{mode}", programs) for component, package in packages.items()}
 
     def run(component: str, inputs: Inputs) -> Outputs:
         return runners[component](inputs)
@@ -397,14 +401,17 @@ def reference_images(recipe: Recipe, source: LoadedSource) -> ReferenceImages:
 
 
 def image_parity(recipe: Recipe, source: LoadedSource, variant: str, packages: Mapping[str, Path | Sequence[Path]],
-                 root: Path, references: list[np.ndarray]) -> list[ImageParity]:
+                 root: Path, references: list[np.ndarray],
+                 programs: dict[Path, executor.LoadedProgram] | None = None) -> list[ImageParity]:
     """Denoise each recipe prompt with ``packages`` and compare with ``references`` (see
-    :func:`reference_images`); save both as PNGs under ``root/images/``."""
+    :func:`reference_images`); save both as PNGs under ``root/images/``. Executor programs already
+    in ``programs`` are run from there."""
     from PIL import Image
 
     if not references:
         return []
-    run_package = package_runner({component: packages[component] for component in IMAGE_COMPONENTS})
+    run_package = package_runner({component: packages[component] for component in IMAGE_COMPONENTS},
+                                 programs=programs)
     results = []
     for index, (prompt, reference) in enumerate(zip(recipe.card.prompts, references, strict=True)):
         candidate = denoise(recipe, source, prompt, run_package)

@@ -26,6 +26,7 @@ from publisher.card import write_card
 from publisher.chunk import CHUNKS, chunk_names, chunk_package
 from publisher.compress import compress_package
 from publisher.convert import convert_in_subprocess, image_size
+from publisher.executor import LoadedProgram
 from publisher.hub import PushResult, format_operations, format_summary, push_folder
 from publisher.monitor import Monitor
 from publisher.parity import (
@@ -335,20 +336,27 @@ def check_parity(run: Run, build: Build) -> Parity:
     settings = {"source": run.source_identity, "prompts": list(recipe.card.prompts),
                 "seed": recipe.parity.seed, "steps": recipe.parity.image_steps}
     for variant, packages in build.by_variant.items():
-        for component, chain in packages.items():
+        gated = {}
+        # The UNet last, its executor program kept for the images that follow: loading SD 1.5's
+        # 6-bit UNet (parse and decompress) takes about 11 s. One component's programs at a time.
+        programs: dict[Path, LoadedProgram] = {}
+        for component, chain in sorted(packages.items(), key=lambda item: item[0] == "unet"):
             known = reference(run, component)
+            programs.clear()
 
             def measure(folder: Path, component: str = component, chain: tuple[Path, ...] = chain,
-                        known: Reference = known) -> None:
-                measured = measure_component(recipe, run.source, component, chain, reference=known)
+                        known: Reference = known, programs: dict[Path, LoadedProgram] = programs) -> None:
+                measured = measure_component(recipe, run.source, component, chain, reference=known,
+                                             programs=programs)
                 (folder / "psnr.json").write_text(json.dumps(measured.psnr_db))
 
             entry = cached(run, "parity", {"component": component, "package": hash_chain(chain), **settings},
                            f"{variant}/{component}", measure)
             measured = ComponentParity(component, json.loads((entry / "psnr.json").read_text()))
-            parity.results += gate(recipe, variant, measured)
+            gated[component] = gate(recipe, variant, measured)
+        parity.results += [result for component in packages for result in gated[component]]
         if checks_images(recipe, run.source):
-            parity.images += variant_images(run, variant, packages, settings)
+            parity.images += variant_images(run, variant, packages, settings, programs)
     return parity
 
 
@@ -384,12 +392,13 @@ def reference_settings(run: Run) -> dict:
         mode="json", exclude={"min_psnr", "per_component"}), "conversion": recipe.conversion.model_dump(mode="json")}
 
 
-def variant_images(run: Run, variant: str, packages: dict[str, tuple[Path, ...]], settings: dict) -> list[ImageParity]:
+def variant_images(run: Run, variant: str, packages: dict[str, tuple[Path, ...]], settings: dict,
+                   programs: dict[Path, LoadedProgram]) -> list[ImageParity]:
     with np.load(images_reference(run) / "images.npz") as archive:
         references = [archive[f"arr_{index}"] for index in range(len(archive.files))]
 
     def render(folder: Path) -> None:
-        results = image_parity(run.recipe, run.source, variant, packages, folder, references)
+        results = image_parity(run.recipe, run.source, variant, packages, folder, references, programs)
         (folder / "images.json").write_text(json.dumps([result.model_dump() for result in results]))
 
     hashes = {component: hash_chain(chain) for component, chain in sorted(packages.items())}

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from huggingface_hub import ModelCard
 
-from publisher import pipeline
+from publisher import executor, pipeline
 from publisher.cache import StageCache
 from publisher.compress import CompressedComponent
 from publisher.convert import ConvertedComponent
 from publisher.errors import PublisherError
+from publisher.executor import loader
 from publisher.monitor import Monitor
 from publisher.pipeline import publish
 from publisher.recipe import load_recipe
@@ -196,17 +197,23 @@ def test_cli_plan_lists_packages_and_sizes():
     json.dumps(result.stdout)
 
 
-def test_a_second_variant_computes_only_its_unet_and_reuses_the_references(demo_output: Path, tmp_path: Path):
+def test_a_second_variant_computes_only_its_unet_and_reuses_the_references(demo_output: Path, tmp_path: Path,
+                                                                           monkeypatch, capsys):
     """The session cache holds the demo's stages: adding a Neural Engine variant converts, compresses
     and checks its UNet and draws its images, and takes everything else, torch references included,
-    from the cache."""
+    from the cache. Its UNet's program is loaded once, for its parity and its images."""
     recipe = tmp_path / "two-variants.yaml"
     recipe.write_text(DEMO_RECIPE.read_text().replace("path: tiny-sd", f"path: {TINY_SOURCE}").replace(
         "variants:\n", "variants:\n  - attention: split_einsum\n"))
-    result = subprocess.run([sys.executable, "-m", "publisher", "publish", str(recipe), "--out", str(tmp_path / "out")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr
-    lines = result.stderr.splitlines()
+    loads: list[Path] = []
+
+    def load_program(package: Path):
+        loads.append(package)
+        return loader.load_program(package)
+
+    monkeypatch.setattr(executor, "load_program", load_program)
+    publish(recipe, tmp_path / "out")
+    lines = capsys.readouterr().err.splitlines()
     computed = sorted(line.rsplit(" (", 1)[0][2:] for line in lines if line.startswith("✓"))
     assert computed == ["assemble", "compress split_einsum/unet (palettize 6-bit kmeans)", "convert split_einsum/unet",
                         "images split_einsum", "load source", "parity split_einsum/unet", "render card"], lines
@@ -216,6 +223,8 @@ def test_a_second_variant_computes_only_its_unet_and_reuses_the_references(demo_
     report = PublishReport.read(tmp_path / "out")
     assert [variant.folder for variant in report.variants] == ["split_einsum", "original"]
     assert {image.variant for image in report.image_parity} == {"split_einsum", "original"}
+    # The split_einsum UNet's parity and images, and the images' text encoder and VAE decoder.
+    assert len(loads) == len(set(loads)) == 3, loads
 
 
 class StageClock:
