@@ -235,10 +235,10 @@ def reference_cases(recipe: Recipe, source: LoadedSource, component: str) -> Ref
 
     Only the models this needs hold weights, and only while it runs: the packages are then run with
     the torch weights already released. Where the run draws reference images, the UNet's cases are
-    taken from their denoising (see :func:`unet_from_images`).
+    taken from their denoising (see :func:`cases_from_images`).
     """
-    if component == "unet" and unet_from_images(recipe, source):
-        return reference_images(recipe, source).unet
+    if component in cases_from_images(recipe, source):
+        return reference_images(recipe, source).cases[component]
     with source.weights(*reference_models(source, component)):
         return _reference_cases(recipe, source, component)
 
@@ -303,12 +303,14 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[str, Inputs], Outputs],
-            unet_calls: list[tuple[Inputs, Outputs]] | None = None) -> np.ndarray:
+            calls: dict[str, list[tuple[Inputs, Outputs]]] | None = None) -> np.ndarray:
     """A short text-to-image loop with classifier-free guidance over ``run(component, inputs)``.
 
     The same loop serves the torch reference and the packages, so the two images differ only by
-    what the components compute. Each UNet call's inputs and outputs are appended to ``unet_calls``.
+    what the components compute. Each call's inputs and outputs are appended to ``calls[component]``.
     """
+    if calls is not None:
+        run = _recording(run, calls)
     pipe = source.pipe
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(recipe.parity.image_steps)
@@ -327,14 +329,22 @@ def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[st
             "encoder_hidden_states": embeddings,
         }
         outputs = run("unet", inputs)
-        if unet_calls is not None:
-            unet_calls.append((inputs, outputs))
         noise = outputs["noise_pred"]
         uncond, text = torch.from_numpy(noise.astype(np.float32)).chunk(2)
         guided = uncond + GUIDANCE_SCALE * (text - uncond)
         latents = scheduler.step(guided, timestep, latents).prev_sample
     z = (latents / pipe.vae.config.scaling_factor).numpy()
     return _to_uint8(run("vae_decoder", {"z": z})["image"].astype(np.float32))
+
+
+def _recording(run: Callable[[str, Inputs], Outputs],
+               calls: dict[str, list[tuple[Inputs, Outputs]]]) -> Callable[[str, Inputs], Outputs]:
+    def recorded(component: str, inputs: Inputs) -> Outputs:
+        outputs = run(component, inputs)
+        calls.setdefault(component, []).append((inputs, outputs))
+        return outputs
+
+    return recorded
 
 
 def reference_runner(recipe: Recipe, source: LoadedSource) -> Callable[[str, Inputs], Outputs]:
@@ -366,38 +376,44 @@ def checks_images(recipe: Recipe, source: LoadedSource) -> bool:
             and all(component in recipe.conversion.components for component in IMAGE_COMPONENTS))
 
 
-def unet_from_images(recipe: Recipe, source: LoadedSource) -> bool:
-    """Whether the UNet's parity cases come from the reference images' denoising.
+def cases_from_images(recipe: Recipe, source: LoadedSource) -> tuple[str, ...]:
+    """The components whose parity cases are calls of the reference images' denoising (first prompt).
 
-    Its first prompt's UNet calls are latents a real run sees, at the timesteps the cases would take
-    (early, middle, late), and their torch outputs are computed for the images anyway: reusing them
-    saves SD 1.5 three torch forwards of its UNet.
+    Those calls see what a real run feeds the components, and their torch outputs are computed for
+    the images anyway: reusing them saves SD 1.5 three torch forwards of its UNet and one of its VAE
+    decoder. The decoder's case is the final latents; the UNet's are steps early, middle and late in
+    the schedule, the timesteps its own cases would take, so it needs that many steps.
     """
-    return checks_images(recipe, source) and recipe.parity.image_steps >= UNET_TIMESTEP_SAMPLES
+    if not checks_images(recipe, source):
+        return ()
+    return ("unet", "vae_decoder") if recipe.parity.image_steps >= UNET_TIMESTEP_SAMPLES else ("vae_decoder",)
 
 
 @dataclass(frozen=True)
 class ReferenceImages:
     images: list[np.ndarray]
     """The reference pipeline's image for each recipe prompt."""
-    unet: Reference | None
-    """The UNet's parity cases, when :func:`unet_from_images`."""
+    cases: dict[str, Reference]
+    """The parity cases of each component of :func:`cases_from_images`."""
 
 
 def reference_images(recipe: Recipe, source: LoadedSource) -> ReferenceImages:
     """The reference pipeline's images, with the torch weights loaded for them alone (the packages
     run after those weights are released). Empty when no images are checked."""
     if not checks_images(recipe, source):
-        return ReferenceImages([], None)
-    calls: list[tuple[Inputs, Outputs]] = []
+        return ReferenceImages([], {})
+    calls: dict[str, list[tuple[Inputs, Outputs]]] = {}
     with source.weights("text_encoder", "unet", "vae"):
         run = reference_runner(recipe, source)
         images = [denoise(recipe, source, prompt, run, calls if index == 0 else None)
                   for index, prompt in enumerate(recipe.card.prompts)]
-    if not unet_from_images(recipe, source):
-        return ReferenceImages(images, None)
-    picks = np.linspace(0, len(calls) - 1, UNET_TIMESTEP_SAMPLES).round().astype(int)
-    return ReferenceImages(images, Reference(*map(list, zip(*(calls[index] for index in picks), strict=True))))
+    cases = {}
+    for component in cases_from_images(recipe, source):
+        made = calls[component]
+        samples = UNET_TIMESTEP_SAMPLES if component == "unet" else 1
+        picks = np.linspace(0, len(made) - 1, samples).round().astype(int)
+        cases[component] = Reference(*map(list, zip(*(made[index] for index in picks), strict=True)))
+    return ReferenceImages(images, cases)
 
 
 def image_parity(recipe: Recipe, source: LoadedSource, variant: str, packages: Mapping[str, Path | Sequence[Path]],

@@ -31,15 +31,16 @@ from publisher.hub import PushResult, format_operations, format_summary, push_fo
 from publisher.monitor import Monitor
 from publisher.parity import (
     DENOISERS,
+    IMAGE_COMPONENTS,
     ComponentParity,
     Reference,
+    cases_from_images,
     checks_images,
     gate,
     image_parity,
     measure_component,
     reference_cases,
     reference_images,
-    unet_from_images,
 )
 from publisher.recipe import Recipe, Scheme, Variant, load_recipe
 from publisher.report import (
@@ -337,15 +338,21 @@ def check_parity(run: Run, build: Build) -> Parity:
                 "seed": recipe.parity.seed, "steps": recipe.parity.image_steps}
     for variant, packages in build.by_variant.items():
         gated = {}
-        # The UNet last, its executor program kept for the images that follow: loading SD 1.5's
-        # 6-bit UNet (parse and decompress) takes about 11 s. One component's programs at a time.
-        programs: dict[Path, LoadedProgram] = {}
-        for component, chain in sorted(packages.items(), key=lambda item: item[0] == "unet"):
-            known = reference(run, component)
-            programs.clear()
+        # The images' components keep their executor programs for the images (loading SD 1.5's
+        # 6-bit UNet, parse and decompress, takes about 11 s). The torch references come first, while
+        # no program is held, and the UNet is checked last, so that its program is held through no
+        # other component's check.
+        images = checks_images(recipe, run.source)
+        kept: dict[Path, LoadedProgram] = {}
+        order = sorted(packages, key=lambda component: component == "unet")
+        references = {component: reference(run, component) for component in order}
+        for component in order:
+            chain = packages[component]
+            programs = kept if images and component in IMAGE_COMPONENTS else {}
 
             def measure(folder: Path, component: str = component, chain: tuple[Path, ...] = chain,
-                        known: Reference = known, programs: dict[Path, LoadedProgram] = programs) -> None:
+                        known: Reference = references[component], programs: dict[Path, LoadedProgram] = programs
+                        ) -> None:
                 measured = measure_component(recipe, run.source, component, chain, reference=known,
                                              programs=programs)
                 (folder / "psnr.json").write_text(json.dumps(measured.psnr_db))
@@ -355,8 +362,8 @@ def check_parity(run: Run, build: Build) -> Parity:
             measured = ComponentParity(component, json.loads((entry / "psnr.json").read_text()))
             gated[component] = gate(recipe, variant, measured)
         parity.results += [result for component in packages for result in gated[component]]
-        if checks_images(recipe, run.source):
-            parity.images += variant_images(run, variant, packages, settings, programs)
+        if images:
+            parity.images += variant_images(run, variant, packages, settings, kept)
     return parity
 
 
@@ -366,23 +373,23 @@ def hash_chain(chain: tuple[Path, ...]) -> str:
 
 def reference(run: Run, component: str) -> Reference:
     """The component's parity inputs and torch outputs: computed once, for every variant and run."""
-    if component == "unet" and unet_from_images(run.recipe, run.source):
-        return Reference.load(images_reference(run) / "unet.npz")
+    if component in cases_from_images(run.recipe, run.source):
+        return Reference.load(images_reference(run) / f"{component}.npz")
     entry = cached(run, "reference", {"component": component, **reference_settings(run)}, component,
                    lambda folder: reference_cases(run.recipe, run.source, component).save(folder / "reference.npz"))
     return Reference.load(entry / "reference.npz")
 
 
 def images_reference(run: Run) -> Path:
-    """The cache entry of the reference images (``images.npz``), and of the UNet cases their
-    denoising gives (``unet.npz``, see :func:`publisher.parity.unet_from_images`)."""
+    """The cache entry of the reference images (``images.npz``), and of the parity cases their
+    denoising gives (``<component>.npz``, see :func:`publisher.parity.cases_from_images`)."""
     def draw(folder: Path) -> None:
         drawn = reference_images(run.recipe, run.source)
         np.savez(folder / "images.npz", *drawn.images)
-        if drawn.unet is not None:
-            drawn.unet.save(folder / "unet.npz")
+        for component, cases in drawn.cases.items():
+            cases.save(folder / f"{component}.npz")
 
-    return cached(run, "reference", {"images": True, "unet": unet_from_images(run.recipe, run.source),
+    return cached(run, "reference", {"images": True, "cases": list(cases_from_images(run.recipe, run.source)),
                                      **reference_settings(run)}, "images", draw)
 
 

@@ -170,7 +170,8 @@ def test_unet_cases_are_the_reference_images_denoising_at_three_noise_levels(dem
     picks = np.linspace(0, len(steps) - 1, parity.UNET_TIMESTEP_SAMPLES).round().astype(int)
     assert [case["timestep"][0] for case in cases.inputs] == list(steps[picks].astype(np.float32))
     assert picks[0] == 0 and picks[-1] == len(steps) - 1
-    for taken, again in zip(cases.inputs + cases.outputs, drawn.unet.inputs + drawn.unet.outputs, strict=True):
+    for taken, again in zip(cases.inputs + cases.outputs, drawn.cases["unet"].inputs + drawn.cases["unet"].outputs,
+                            strict=True):
         assert all(np.array_equal(taken[name], again[name]) for name in taken)
     # Each case is a step of the first prompt's denoising: the torch UNet's own output on it, on
     # latents that leave pure noise behind as the steps go on.
@@ -185,10 +186,23 @@ def test_unet_cases_are_the_reference_images_denoising_at_three_noise_levels(dem
     assert spread[-1] != pytest.approx(spread[0], rel=0.05)
 
 
+def test_the_vae_decoder_case_is_the_first_reference_images_final_latents(demo_source):
+    recipe, source = demo_source
+    drawn = parity.reference_images(recipe, source)
+    cases = parity.reference_cases(recipe, source, "vae_decoder")
+    assert len(cases.inputs) == 1 and list(cases.inputs[0]) == ["z"]
+    # Its torch output is the first image, before postprocessing.
+    assert np.array_equal(parity._to_uint8(cases.outputs[0]["image"]), drawn.images[0])
+    with source.weights("vae"):
+        again = parity._reference(parity.reference_module(source, "vae_decoder"), cases.inputs[0], ("image",))
+    assert np.allclose(again["image"], cases.outputs[0]["image"], atol=1e-5)
+
+
 def test_fewer_image_steps_than_noise_levels_keep_three_random_unet_cases(demo_source):
     recipe, source = demo_source
     few = recipe.model_copy(update={"parity": recipe.parity.model_copy(update={"image_steps": 2})})
-    assert not parity.unet_from_images(few, source) and parity.unet_from_images(recipe, source)
+    assert parity.cases_from_images(few, source) == ("vae_decoder",)
+    assert parity.cases_from_images(recipe, source) == ("unet", "vae_decoder")
     cases = parity.reference_cases(few, source, "unet")
     assert len(cases.inputs) == parity.UNET_TIMESTEP_SAMPLES
     assert len({float(case["timestep"][0]) for case in cases.inputs}) == parity.UNET_TIMESTEP_SAMPLES

@@ -217,9 +217,9 @@ def test_a_second_variant_computes_only_its_unet_and_reuses_the_references(demo_
     computed = sorted(line.rsplit(" (", 1)[0][2:] for line in lines if line.startswith("✓"))
     assert computed == ["assemble", "compress split_einsum/unet (palettize 6-bit kmeans)", "convert split_einsum/unet",
                         "images split_einsum", "load source", "parity split_einsum/unet", "render card"], lines
-    # The UNet's cases come with the reference images (their denoising ran the torch UNet).
+    # The UNet's and the VAE decoder's cases come with the reference images (their denoising ran both).
     assert {line for line in lines if line.startswith("↷ reference")} == {
-        f"↷ reference {name} (cached)" for name in (*COMPONENTS, "images") if name != "unet"}
+        f"↷ reference {name} (cached)" for name in ("text_encoder", "vae_encoder", "images")}
     report = PublishReport.read(tmp_path / "out")
     assert [variant.folder for variant in report.variants] == ["split_einsum", "original"]
     assert {image.variant for image in report.image_parity} == {"split_einsum", "original"}

@@ -28,7 +28,7 @@ KILL_POINTS = [
     ("convert original/unet", "the UNet's compression and the text encoder's conversion beside it"),
     ("compress original/text_encoder", "compression of the VAE decoder"),
     ("compress original/vae_decoder", "compression of the VAE encoder"),
-    ("parity original/text_encoder", "UNet parity"),
+    ("parity original/vae_encoder", "UNet parity"),
     ("images original", "assembly"),
 ]
 
