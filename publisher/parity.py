@@ -234,8 +234,8 @@ def reference_cases(recipe: Recipe, source: LoadedSource, component: str) -> Ref
     """The inputs ``component`` is checked on, and the fp32 reference's outputs on them.
 
     Only the models this needs hold weights, and only while it runs: the packages are then run with
-    the torch weights already released. Where the run draws reference images, the UNet's cases are
-    taken from their denoising (see :func:`cases_from_images`).
+    the torch weights already released. Where the run draws reference images, the UNet's and the VAE
+    decoder's cases are taken from their denoising (see :func:`cases_from_images`).
     """
     if component in cases_from_images(recipe, source):
         return reference_images(recipe, source).cases[component]
