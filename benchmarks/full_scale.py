@@ -22,7 +22,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import psutil
@@ -118,7 +118,11 @@ def memory_cgroup(limit: float) -> Iterator[Path]:
     try:
         yield group
     finally:
-        (root / "cgroup.procs").write_text(str(os.getpid()))
+        # Back to the root with whatever else is still inside (multiprocessing's resource tracker
+        # outlives the run's children): a group with a process in it cannot be removed (EBUSY).
+        for pid in (group / "cgroup.procs").read_text().split():
+            with suppress(ProcessLookupError):
+                (root / "cgroup.procs").write_text(pid)
         group.rmdir()
 
 
