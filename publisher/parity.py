@@ -323,13 +323,11 @@ def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[st
     latents = latents * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
-        inputs = {
+        noise = run("unet", {
             "sample": model_input.numpy(),
             "timestep": np.full((2,), float(timestep), dtype=np.float32),
             "encoder_hidden_states": embeddings,
-        }
-        outputs = run("unet", inputs)
-        noise = outputs["noise_pred"]
+        })["noise_pred"]
         uncond, text = torch.from_numpy(noise.astype(np.float32)).chunk(2)
         guided = uncond + GUIDANCE_SCALE * (text - uncond)
         latents = scheduler.step(guided, timestep, latents).prev_sample
@@ -358,7 +356,6 @@ def reference_runner(recipe: Recipe, source: LoadedSource) -> Callable[[str, Inp
 
 def package_runner(packages: Mapping[str, Path | Sequence[Path]], mode: executor.Mode = "fp16",
                    programs: dict[Path, executor.LoadedProgram] | None = None):
-    programs = {} if programs is None else programs
     runners = {component: _runner(package, f"executor-{mode}", programs) for component, package in packages.items()}
 
     def run(component: str, inputs: Inputs) -> Outputs:

@@ -346,6 +346,7 @@ def check_parity(run: Run, build: Build) -> Parity:
         kept: dict[Path, LoadedProgram] = {}
         order = sorted(packages, key=lambda component: component == "unet")
         references = {component: reference(run, component) for component in order}
+        hashes = {component: hash_chain(chain) for component, chain in sorted(packages.items())}
         for component in order:
             chain = packages[component]
             programs = kept if images and component in IMAGE_COMPONENTS else {}
@@ -357,13 +358,13 @@ def check_parity(run: Run, build: Build) -> Parity:
                                              programs=programs)
                 (folder / "psnr.json").write_text(json.dumps(measured.psnr_db))
 
-            entry = cached(run, "parity", {"component": component, "package": hash_chain(chain), **settings},
+            entry = cached(run, "parity", {"component": component, "package": hashes[component], **settings},
                            f"{variant}/{component}", measure)
             measured = ComponentParity(component, json.loads((entry / "psnr.json").read_text()))
             gated[component] = gate(recipe, variant, measured)
         parity.results += [result for component in packages for result in gated[component]]
         if images:
-            parity.images += variant_images(run, variant, packages, settings, kept)
+            parity.images += variant_images(run, variant, packages, hashes, settings, kept)
     return parity
 
 
@@ -399,8 +400,8 @@ def reference_settings(run: Run) -> dict:
         mode="json", exclude={"min_psnr", "per_component"}), "conversion": recipe.conversion.model_dump(mode="json")}
 
 
-def variant_images(run: Run, variant: str, packages: dict[str, tuple[Path, ...]], settings: dict,
-                   programs: dict[Path, LoadedProgram]) -> list[ImageParity]:
+def variant_images(run: Run, variant: str, packages: dict[str, tuple[Path, ...]], hashes: dict[str, str],
+                   settings: dict, programs: dict[Path, LoadedProgram]) -> list[ImageParity]:
     with np.load(images_reference(run) / "images.npz") as archive:
         references = [archive[f"arr_{index}"] for index in range(len(archive.files))]
 
@@ -408,7 +409,6 @@ def variant_images(run: Run, variant: str, packages: dict[str, tuple[Path, ...]]
         results = image_parity(run.recipe, run.source, variant, packages, folder, references, programs)
         (folder / "images.json").write_text(json.dumps([result.model_dump() for result in results]))
 
-    hashes = {component: hash_chain(chain) for component, chain in sorted(packages.items())}
     entry = cached(run, "images", {"packages": hashes, **settings}, variant, render)
     results = [ImageParity.model_validate(item) for item in json.loads((entry / "images.json").read_text())]
     for result in results:
