@@ -21,11 +21,9 @@ import uuid
 from pathlib import Path
 
 from publisher.errors import PublisherError
+from publisher.layout import IMAGES_FOLDER, RECIPE_NAME, REPORT_NAME
 from publisher.recipe import Recipe
-from publisher.report import REPORT_NAME, PublishReport
-
-RECIPE_NAME = "recipe.yaml"
-CARD_NAME = "README.md"
+from publisher.report import PublishReport
 
 
 def package_name(recipe: Recipe, component: str) -> str:
@@ -89,7 +87,7 @@ def assemble(
     for file in tokenizer_files:
         shutil.copy2(file, staging / file.name)
     if images is not None and images.is_dir():
-        shutil.copytree(images, staging / "images")
+        shutil.copytree(images, staging / IMAGES_FOLDER)
     (staging / RECIPE_NAME).write_text(recipe_text, encoding="utf-8")
     report.write(staging)
     return staging

@@ -4,7 +4,7 @@ Every number on the card comes from ``publish_report.json`` (and ``device_result
 device run was recorded later), so ``publisher card DIR`` can refresh it without reconverting.
 Metadata goes through huggingface_hub's ``ModelCardData`` so the YAML header is exactly what the
 Hub validates; the body is a jinja2 template, built from the typed :class:`CardContext`, so a
-recipe can swap it (and still ``{% include %}`` the stock partials in ``templates/partials/``).
+recipe can swap it (and still ``{% include %}`` the stock partials in ``publisher/templates/partials/``).
 """
 
 from __future__ import annotations
@@ -16,16 +16,24 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image, ImageDraw, ImageFont
 
-from publisher.assemble import CARD_NAME, RECIPE_NAME
-from publisher.device import DEVICE_RESULTS_NAME, DeviceRun, read_device_results
+from publisher.card_template import TEMPLATES, render
+from publisher.device import DeviceRun, read_device_results
 from publisher.errors import PublisherError, RecipeError
-from publisher.report import ImageParity, PublishReport, StageCost
+from publisher.layout import CARD_NAME, DEVICE_RESULTS_NAME, IMAGES_FOLDER, RECIPE_NAME
+from publisher.recipe import Recipe
+from publisher.report import (
+    ComponentReport,
+    ImageParity,
+    ParityResult,
+    PublishReport,
+    StageCost,
+    VariantReport,
+    tool_versions,
+)
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 DEFAULT_TEMPLATE = TEMPLATES / "model_card.md.j2"
 BASE_TAGS = ("coreml", "core-ml", "stable-diffusion", "text-to-image")
 GRID_PATH = "images/image_grid.png"
@@ -421,20 +429,12 @@ def table_cell(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
 
 
-def _environment(template_dir: Path) -> jinja2.Environment:
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader([template_dir, TEMPLATES]),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-    )
-    environment.filters["size"] = format_bytes
-    environment.filters["cell"] = table_cell
-    environment.filters["thousands"] = lambda value: f"{value:,}"
-    environment.filters["fixed"] = lambda value, digits=2: f"{value:.{digits}f}"
-    return environment
+FILTERS = {
+    "size": format_bytes,
+    "cell": table_cell,
+    "thousands": lambda value: f"{value:,}",
+    "fixed": lambda value, digits=2: f"{value:.{digits}f}",
+}
 
 
 def _tidy(body: str) -> str:
@@ -490,9 +490,8 @@ def render_card(
     benchmark table and ``image_grid`` is the grid's path relative to the repository root; each
     section is left out when its data is absent.
     """
-    template_path = template or DEFAULT_TEMPLATE
     context = build_context(report, recipe_text=recipe_text, device_results=device_results, image_grid=image_grid)
-    body = _environment(template_path.parent).get_template(template_path.name).render(card=context, report=report)
+    body = render(template or DEFAULT_TEMPLATE, FILTERS, card=context, report=report)
     card = ModelCard(f"---\n{card_data(report, extra_tags).to_yaml()}\n---\n\n{_tidy(body)}")
     return str(card)
 
@@ -521,6 +520,53 @@ def write_card(
     path = folder / CARD_NAME
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def check_template(recipe: Recipe, family: str | None) -> None:
+    """Render the recipe's card template once against a report shaped like the run's, before any work.
+
+    A template error found only after every stage would waste the run (the UNet's conversion alone takes
+    minutes at full size): ``publisher validate`` and ``publish`` call this first.
+
+    Raises:
+        [`~publisher.errors.RecipeError`]:
+            One line naming the template's file and line.
+    """
+    if recipe.card.template is not None:
+        render_card(preview_report(recipe, family), template=recipe.card.template, extra_tags=recipe.card.tags,
+                    recipe_text=recipe.text)
+
+
+def preview_report(recipe: Recipe, family: str | None) -> PublishReport:
+    """A report with the recipe's variants, components and prompts, and placeholder numbers: every section
+    and every loop of a template renders against it."""
+    variants = [
+        VariantReport(folder=variant.folder_name, attention=variant.attention, compute_units="CPU_AND_GPU",
+                      components=[ComponentReport(component=component, package=f"packages/{component}.mlpackage",
+                                                  parameters=1, fp16_bytes=2, compressed_bytes=1,
+                                                  scheme=recipe.compression.for_component(component).describe(),
+                                                  bits_per_weight=8.0, convert_seconds=1.0, compress_seconds=1.0)
+                                  for component in recipe.conversion.components])
+        for variant in recipe.variants
+    ]
+    return PublishReport(
+        recipe_name=recipe.name, recipe_file=recipe.file.name, recipe_sha256=recipe.sha256,
+        source=recipe.source.repo or f"local:{recipe.source.model_id}", source_revision=recipe.source.revision,
+        family=family or "sd1", license=recipe.card.license, license_name=recipe.card.license_name,
+        license_link=recipe.card.license_link, target_repo=recipe.target.repo, precision=recipe.conversion.precision,
+        minimum_deployment_target=recipe.conversion.minimum_deployment_target.value,
+        image_size=recipe.conversion.image_size or 512, tool_versions=tool_versions(),
+        card_tags=list(recipe.card.tags), variants=variants,
+        parity=[ParityResult(component=component, variant=variant.folder, backend="executor-fp32", psnr_db=60.0,
+                             threshold_db=recipe.parity.threshold(component), passed=True)
+                for variant in variants for component in recipe.conversion.components],
+        image_parity=[ImageParity(prompt=prompt, variant=variant.folder, steps=recipe.parity.image_steps,
+                                  seed=recipe.parity.seed, psnr_db=30.0,
+                                  reference_image=f"{IMAGES_FOLDER}/reference_{index}.png",
+                                  variant_image=f"{IMAGES_FOLDER}/{variant.folder}_{index}.png")
+                      for variant in variants for index, prompt in enumerate(recipe.card.prompts)],
+        stages=[StageCost(stage="convert", seconds=1.0, peak_rss_bytes=1)],
+    )
 
 
 def rerender_card(folder: Path, *, template: Path | None = None) -> Path:

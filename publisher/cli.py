@@ -24,13 +24,12 @@ def one_line(error: Exception) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from publisher.recipe import load_recipe
-    from publisher.source import inspect_source
+    from publisher.validate import validate_recipe
 
     failed = 0
     for path in args.recipes:
         try:
-            inspect_source(load_recipe(path))
+            validate_recipe(path)
         except PublisherError as error:
             print(f"error: {one_line(error)}", file=sys.stderr)
             failed += 1
@@ -54,6 +53,10 @@ def _push_options(args: argparse.Namespace):
 
 
 def _publish(args: argparse.Namespace) -> int:
+    from publisher.validate import validate_recipe
+
+    # Before importing the pipeline: coremltools alone takes seconds to import, a bad recipe none.
+    validate_recipe(args.recipe)
     from publisher.cache import StageCache
     from publisher.pipeline import publish
 
@@ -80,6 +83,12 @@ def _cache(args: argparse.Namespace) -> int:
 
 def _push(args: argparse.Namespace) -> int:
     from publisher.pipeline import push_folder_and_report
+    from publisher.recipe import check_repo_id
+
+    try:
+        check_repo_id(args.repo)
+    except ValueError as error:
+        raise RecipeError(f"--repo: {error}") from None
 
     push_folder_and_report(Path(args.folder), args.repo, private=args.private, options=_push_options(args),
                            quiet=args.quiet)

@@ -29,6 +29,15 @@ class CompressedComponent:
     seconds: float
     mixed: MixedBitRecipe | None = None
     """The mixed-bit recipe applied, when the scheme has one: worth keeping beside the report."""
+    compressed_weights: int = 0
+    """Weights stored compressed (decompressed by a ``constexpr_*`` op): 0 when ``weight_threshold`` or the
+    overrides left every weight as it was."""
+
+
+def compressed_weight_count(spec: Any) -> int:
+    """The ``constexpr_*`` ops of the main function: each one decompresses one stored weight."""
+    blocks = spec.mlProgram.functions["main"].block_specializations.values()
+    return sum(op.type.startswith("constexpr_") for block in blocks for op in block.operations)
 
 
 def _op_type_configs() -> dict[str, None]:
@@ -223,4 +232,4 @@ def compress_package(package: Path, scheme: Scheme, out: Path, component: str = 
     if "quantize" in configs:
         model = linear_quantize_weights(model, configs["quantize"])
     model.save(str(out))
-    return CompressedComponent(out, time.perf_counter() - started, mixed)
+    return CompressedComponent(out, time.perf_counter() - started, mixed, compressed_weight_count(model.get_spec()))

@@ -38,8 +38,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from publisher.errors import RecipeError
-
-DEVICE_RESULTS_NAME = "device_results.json"
+from publisher.layout import DEVICE_RESULTS_NAME
 
 ComputeUnit = Literal["CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL"]
 _Text = Annotated[str, Field(min_length=1, max_length=200)]

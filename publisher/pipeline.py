@@ -42,7 +42,7 @@ from publisher.parity import (
     reference_cases,
     reference_images,
 )
-from publisher.recipe import Recipe, Scheme, Variant, load_recipe
+from publisher.recipe import Recipe, Scheme, Variant
 from publisher.report import (
     ComponentReport,
     ImageParity,
@@ -53,6 +53,7 @@ from publisher.report import (
     tool_versions,
 )
 from publisher.source import LoadedSource, load_source, release_memory
+from publisher.validate import validate_recipe
 
 PACKAGE = "model.mlpackage"
 COST = "cost.json"
@@ -66,6 +67,8 @@ class BuiltComponent:
     parameters: int
     convert_seconds: float
     compress_seconds: float
+    compressed_weights: int | None = None
+    """None when nothing was asked to compress (or the cache entry predates the count)."""
 
 
 @dataclass
@@ -113,7 +116,7 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
     interruption resumes where the last run stopped.
     """
     monitor = Monitor(quiet=quiet)
-    recipe = load_recipe(recipe_file)
+    recipe = validate_recipe(recipe_file)
     check_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_work(out)
@@ -316,15 +319,17 @@ def compress(run: Run, variant: Variant, component: str, converted: BuiltCompone
                                   calibration=calibration)
         if result.mixed is not None:
             result.mixed.save(folder / "mixed_bit.json")
-        (folder / "meta.json").write_text(json.dumps({"seconds": result.seconds}))
+        (folder / "meta.json").write_text(json.dumps({"seconds": result.seconds,
+                                                       "compressed_weights": result.compressed_weights}))
 
     calibration_inputs = {"source": run.source_identity, "prompts": list(recipe.card.prompts),
                           "seed": recipe.parity.seed} if analysed else {}
     entry = cached(run, "compress", {
         "package": hash_path(converted.converted), "scheme": scheme.model_dump(mode="json"), **calibration_inputs,
     }, f"{variant.folder_name}/{component} ({scheme.describe()})", produce)
-    return replace(converted, package=entry / PACKAGE,
-                   compress_seconds=json.loads((entry / "meta.json").read_text())["seconds"])
+    meta = json.loads((entry / "meta.json").read_text())
+    return replace(converted, package=entry / PACKAGE, compress_seconds=meta["seconds"],
+                   compressed_weights=meta.get("compressed_weights"))
 
 
 def check_parity(run: Run, build: Build) -> Parity:
@@ -434,11 +439,20 @@ def component_report(recipe: Recipe, built: BuiltComponent) -> ComponentReport:
         parameters=built.parameters,
         fp16_bytes=fp16_bytes,
         compressed_bytes=compressed_bytes,
-        scheme=recipe.compression.for_component(built.component).describe(),
+        scheme=scheme_line(recipe.compression.for_component(built.component), built.compressed_weights),
         bits_per_weight=round(compressed_bytes * 8 / built.parameters, 3) if built.parameters else 0.0,
         convert_seconds=round(built.convert_seconds, 3),
         compress_seconds=round(built.compress_seconds, 3),
     )
+
+
+def scheme_line(scheme: Scheme, compressed_weights: int | None) -> str:
+    """The scheme as the report and card state it: one that compressed no weight says so, rather than
+    claiming bits it did not save."""
+    if compressed_weights == 0:
+        return (f"none: {scheme.describe()} compressed no weight (none is larger than weight_threshold"
+                f" {scheme.weight_threshold:,} elements, or the overrides skip them all)")
+    return scheme.describe()
 
 
 def part_report(whole: ComponentReport, name: str, package: Path, relative: str) -> ComponentReport:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -25,6 +28,7 @@ from pydantic import (
 )
 
 from publisher.errors import RecipeError
+from publisher.layout import ROOT_NAMES
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "controlnet", "control_unet")
 Component = Literal[
@@ -34,9 +38,13 @@ VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 Precision = Literal["float16", "float32"]
 PALETTIZE_NBITS = (1, 2, 3, 4, 6, 8)
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
-_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# fullmatch everywhere: `$` also matches before a trailing newline.
+_NAMESPACED = re.compile(r"[A-Za-z0-9._-]+/[A-Za-z0-9._-]+")
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Invisible characters that reorder the text around them (Trojan Source); a card or a terminal shows
+# the text in an order other than its bytes'.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 class Target(str, Enum):
@@ -55,13 +63,36 @@ class Target(str, Enum):
         return {"iOS16": 16, "iOS17": 17, "iOS18": 18, "macOS13": 16, "macOS14": 17, "macOS15": 18}[self.value]
 
 
-def _check_repo_id(value: str) -> str:
-    if not _REPO_ID.match(value):
+def check_repo_id(value: str) -> str:
+    """``value`` if it is a ``namespace/name`` id the Hub accepts, else ``ValueError`` saying why.
+
+    huggingface_hub's validator holds the Hub's rules (length, ``--``, ``..``, ``.git``); it also admits
+    a bare name, which the Hub would create under the token's own user: a publish names its namespace.
+    """
+    if not _NAMESPACED.fullmatch(value):
         raise ValueError(f"{value!r} is not a Hub repo id of the form 'namespace/name'")
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise ValueError(
+            f"{value!r} is not a valid Hub repo id: at most 96 letters, digits, '-', '_' or '.' on each side"
+            " of the '/', not starting or ending with '-' or '.', no '--' or '..', not ending in '.git'"
+        ) from None
     return value
 
 
-RepoId = Annotated[str, AfterValidator(_check_repo_id)]
+def _plain_text(value: str | None) -> str | None:
+    """Text that reaches the card as written: no control or direction-changing characters."""
+    for char in value or "":
+        if char in _BIDI_CONTROLS:
+            raise ValueError(f"holds the bidirectional control character U+{ord(char):04X}: remove it")
+        if unicodedata.category(char) == "Cc":
+            raise ValueError(f"holds the control character U+{ord(char):04X}: remove it")
+    return value
+
+
+RepoId = Annotated[str, AfterValidator(check_repo_id)]
+PlainText = Annotated[str, AfterValidator(_plain_text)]
 
 
 class _Strict(BaseModel):
@@ -79,7 +110,7 @@ class ModelSource(_Strict):
     @classmethod
     def _pinned(cls, value: str | None) -> str | None:
         # A branch name would make two runs of the same recipe publish different weights.
-        if value is not None and not _COMMIT_SHA.match(value):
+        if value is not None and not _COMMIT_SHA.fullmatch(value):
             raise ValueError(f"{value!r} is not a 40-character commit sha: pin the exact revision")
         return value
 
@@ -123,8 +154,13 @@ class Variant(_Strict):
     @field_validator("folder")
     @classmethod
     def _safe_folder(cls, value: str | None) -> str | None:
-        if value is not None and not _FOLDER.match(value):
+        if value is None:
+            return value
+        if not _FOLDER.fullmatch(value):
             raise ValueError(f"{value!r} must be one plain folder name (letters, digits, '.', '_', '-')")
+        # Compared case-insensitively: the repository is downloaded to macOS, whose file system is.
+        if value.casefold() in {name.casefold() for name in ROOT_NAMES}:
+            raise ValueError(f"{value!r} is a file or folder of the published repository itself: choose another name")
         return value
 
     @property
@@ -356,12 +392,12 @@ class Parity(_Strict):
 
 
 class Card(_Strict):
-    prompts: tuple[Annotated[str, Field(min_length=1, max_length=300)], ...] = (
+    prompts: tuple[Annotated[str, Field(min_length=1, max_length=300), AfterValidator(_plain_text)], ...] = (
         "a photo of an astronaut riding a horse on mars",
     )
-    license: str | None = None
-    license_name: str | None = None
-    license_link: str | None = None
+    license: PlainText | None = None
+    license_name: PlainText | None = None
+    license_link: PlainText | None = None
     tags: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")], ...] = ()
     template: Path | None = None
 
@@ -413,6 +449,14 @@ class Recipe(_Strict):
 # Loading with line numbers
 
 _MAX_NODES = 20_000  # far above any real recipe; stops alias bombs before they expand
+# Checked before parsing: PyYAML composes the whole document first, and a 12 MB flat list took 3.8 GB
+# and 107 s to reach the node count above. Real recipes are a few KB.
+_MAX_BYTES = 256 * 1024
+_CORE_TAG = "tag:yaml.org,2002:"
+# What the safe loader resolves plain YAML to. Any other tag (`!!python/object:...`, a local `!secret`)
+# asks for a construction this loader ignores while composing: refused rather than silently dropped.
+_PLAIN_TAGS = frozenset(_CORE_TAG + kind for kind in ("str", "int", "float", "bool", "null", "map", "seq",
+                                                       "timestamp"))
 
 
 def _compose_with_lines(text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
@@ -427,6 +471,10 @@ def _compose_with_lines(text: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
         if visited > _MAX_NODES or len(path) > 32:
             raise RecipeError(f"line {node.start_mark.line + 1}: the document is too large or too deeply nested")
         lines.setdefault(path, node.start_mark.line + 1)
+        if node.tag not in _PLAIN_TAGS:
+            shown = "!!" + node.tag.removeprefix(_CORE_TAG) if node.tag.startswith(_CORE_TAG) else node.tag
+            raise RecipeError(f"line {node.start_mark.line + 1}: the YAML tag {shown} is not allowed:"
+                              " a recipe holds plain mappings, lists and values")
         if isinstance(node, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
@@ -498,6 +546,10 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     shown = _display(path)
     try:
+        size = path.stat().st_size
+        if size > _MAX_BYTES:
+            raise RecipeError(f"{shown}: the recipe is {size:,} bytes, too large for a recipe (at most"
+                              f" {_MAX_BYTES:,}): is this the right file?")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{shown}: no such recipe file") from None
@@ -530,8 +582,9 @@ def load_recipe(path: str | Path) -> Recipe:
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
         raise RecipeError(f"{shown}:{_line_of(lines, loc)}: {_dotted(loc)}: {_describe(first)}{suffix}") from None
 
-    recipe = _resolve_paths(recipe, path.resolve().parent)
-    problem = _cross_check(recipe, data)
+    folder = path.resolve().parent
+    recipe = _resolve_paths(recipe, folder)
+    problem = _cross_check(recipe, data, folder)
     if problem:
         loc, message = problem
         raise RecipeError(f"{shown}:{_line_of(lines, loc)}: {_dotted(loc)}: {message}")
@@ -564,7 +617,12 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     return recipe.model_copy(update={"source": source, "card": card, "compression": compression})
 
 
-def _cross_check(recipe: Recipe, data: dict[str, Any]) -> tuple[tuple[Any, ...], str] | None:
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, with every symlink resolved, lies within ``folder`` (itself resolved)."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _cross_check(recipe: Recipe, data: dict[str, Any], folder: Path) -> tuple[tuple[Any, ...], str] | None:
     """Checks that span several fields; returns the first problem's location and message."""
     source = recipe.source
     if source.path is not None and not (source.path / "model_index.json").is_file():
@@ -573,8 +631,16 @@ def _cross_check(recipe: Recipe, data: dict[str, Any]) -> tuple[tuple[Any, ...],
         model: ModelSource | None = getattr(source, name)
         if model is not None and model.path is not None and not (model.path / "config.json").is_file():
             return ("source", name, "path"), f"{model.path} is not a diffusers model folder (no config.json)"
-    if recipe.card.template is not None and not recipe.card.template.is_file():
-        return ("card", "template"), f"{recipe.card.template} does not exist"
+    template = recipe.card.template
+    if template is not None and not is_inside(template, folder):
+        # A merged recipe runs in CI beside HF_TOKEN: a template path is how /proc/self/environ would
+        # reach the published card. Resolved first, so a symlink cannot lead out either.
+        return ("card", "template"), (
+            f"{template} must be a file inside the recipe's folder {folder} (a path outside it, or a symlink"
+            " leading out of it, is refused)"
+        )
+    if template is not None and not template.is_file():
+        return ("card", "template"), f"{template} does not exist"
 
     converted = set(recipe.conversion.components)
     if "controlnet" in converted and source.controlnet is None:
@@ -598,6 +664,9 @@ def _cross_check(recipe: Recipe, data: dict[str, Any]) -> tuple[tuple[Any, ...],
         if scheme.palettize and scheme.palettize.mode == "uniform" and scheme.palettize.granularity != "per_tensor":
             return ("compression", component, "palettize", "granularity"), "uniform mode is per_tensor only"
         mixed = scheme.palettize.mixed if scheme.palettize else None
+        if mixed and mixed.recipe is not None and not is_inside(mixed.recipe, folder):
+            return ("compression", component, "palettize", "mixed", "recipe"), (
+                f"{mixed.recipe} must be a file inside the recipe's folder {folder}")
         if mixed and mixed.recipe is not None and not mixed.recipe.is_file():
             return ("compression", component, "palettize", "mixed", "recipe"), f"{mixed.recipe} does not exist"
     for component in recipe.parity.per_component:

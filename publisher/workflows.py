@@ -36,9 +36,10 @@ from publisher import __version__
 from publisher.cache import hash_path
 from publisher.card import SWIFT_RESOURCES, format_bytes, write_card
 from publisher.chunk import chains
-from publisher.device import DEVICE_RESULTS_NAME, DeviceResults, DeviceRun, read_device_results
+from publisher.device import DeviceResults, DeviceRun, read_device_results
 from publisher.errors import HubError, ParityError, PublisherError, RecipeError
 from publisher.hub import HubCall, PushResult, format_operations, format_summary, hub_errors, push_folder
+from publisher.layout import DEVICE_RESULTS_NAME
 from publisher.recipe import Recipe, load_recipe
 from publisher.report import ParityResult, PublishReport
 

@@ -31,8 +31,9 @@ from publisher.card import (
     rerender_card,
     write_card,
 )
-from publisher.device import DEVICE_RESULTS_NAME, DeviceRun
+from publisher.device import DeviceRun
 from publisher.errors import PublisherError, RecipeError
+from publisher.layout import DEVICE_RESULTS_NAME
 from publisher.report import (
     ComponentReport,
     ImageParity,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from publisher.cli import main
 from publisher.errors import RecipeError
 from publisher.recipe import Recipe, Target, load_recipe
 from publisher.source import inspect_source
@@ -293,6 +294,82 @@ BAD = [
         "two variants land in the same folder",
     ),
     ("variants-empty", VALID + "variants: []\n", 12, "list at least one variant"),
+    *(
+        (
+            f"variant-folder-{name}",
+            VALID + f"variants:\n  - folder: {name}\n",
+            13,
+            f"variants.0.folder: {name!r} is a file or folder of the published repository itself",
+        )
+        for name in ("vocab.json", "merges.txt", "README.md", "readme.md", "recipe.yaml", "images",
+                     "publish_report.json", "device_results.json")
+    ),
+    (
+        "variant-folder-trailing-newline",
+        VALID + 'variants:\n  - folder: "original\\n"\n',
+        13,
+        "variants.0.folder: 'original\\n' must be one plain folder name",
+    ),
+    *(
+        (f"target-repo-{label}", VALID.replace("repo: me/ok", f"repo: {yaml_id}"), 5,
+         f"target.repo: {shown!r} is not a {kind}")
+        for label, yaml_id, shown, kind in (
+            ("double-dot", "me/bad..name", "me/bad..name", "valid Hub repo id"),
+            ("double-dash", "me/bad--name", "me/bad--name", "valid Hub repo id"),
+            ("dot-git", "me/name.git", "me/name.git", "valid Hub repo id"),
+            ("newline", '"me/x\\n"', "me/x\n", "Hub repo id of the form 'namespace/name'"),
+            ("too-long", "me/" + "n" * 97, "me/" + "n" * 97, "valid Hub repo id"),
+            ("trailing-dot", "me/name.", "me/name.", "valid Hub repo id"),
+        )
+    ),
+    (
+        "source-repo-double-dot",
+        VALID.replace(f"path: {TINY_SOURCE}", f"repo: org/bad..id\n  revision: '{SHA}'"),
+        3,
+        "source.repo: 'org/bad..id' is not a valid Hub repo id",
+    ),
+    (
+        "card-prompt-nul",
+        VALID + 'card:\n  prompts: ["an\\0astronaut"]\n',
+        13,
+        "card.prompts.0: holds the control character U+0000",
+    ),
+    (
+        "card-prompt-bidi-override",
+        VALID + 'card:\n  prompts: ["an \\u202eastronaut"]\n',
+        13,
+        "card.prompts.0: holds the bidirectional control character U+202E",
+    ),
+    (
+        "card-license-name-escape",
+        VALID + 'card:\n  license: other\n  license_name: "x\\x1b[31m"\n  license_link: https://example.com\n',
+        14,
+        "card.license_name: holds the control character U+001B",
+    ),
+    (
+        "mixed-bit-recipe-outside",
+        VALID.replace("nbits: 6", "mixed: {recipe: /etc/passwd}"),
+        11,
+        "compression.unet.palettize.mixed.recipe: /etc/passwd must be a file inside the recipe's folder",
+    ),
+    (
+        "yaml-python-tag",
+        VALID + "card: !!python/object:builtins.dict {}\n",
+        12,
+        "the YAML tag !!python/object:builtins.dict is not allowed",
+    ),
+    (
+        "yaml-python-apply-tag",
+        VALID + 'card:\n  prompts: !!python/object/apply:os.system ["true"]\n',
+        13,
+        "the YAML tag !!python/object/apply:os.system is not allowed",
+    ),
+    (
+        "yaml-local-tag",
+        VALID + "card:\n  license: !secret mit\n",
+        13,
+        "the YAML tag !secret is not allowed",
+    ),
     (
         "parity-negative",
         VALID + "parity:\n  min_psnr: -3\n",
@@ -394,6 +471,23 @@ def test_alias_bomb_is_refused(tmp_path):
         )
     with pytest.raises(RecipeError, match="too large"):
         load_recipe(write(tmp_path, bomb))
+
+
+def test_a_huge_recipe_is_refused_before_parsing(tmp_path):
+    """A 12 MB flat list once took 3.8 GB and 107 s to reach the node limit: the size is checked first."""
+    path = tmp_path / "huge.yaml"
+    path.write_text("a: [" + "x, " * 4_000_000 + "x]\n")
+    with pytest.raises(RecipeError, match=r"huge.yaml: the recipe is 12,000,007 bytes, too large for a recipe"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("repo", ["noslash", "me/bad..name", "me/x\n", "a/b/c"])
+def test_push_refuses_a_bad_repo_id_before_any_request(tmp_path, repo, capsys):
+    """A bare name would create a stray repo under the token's own user."""
+    (tmp_path / "README.md").write_text("hello\n")
+    assert main(["push", str(tmp_path), "--repo", repo]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --repo: {repo!r} is not a ")
 
 
 def test_cli_validate_reports_one_line_and_exit_code_2(tmp_path):

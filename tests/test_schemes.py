@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from publisher import parity
 from publisher.compress import compress_package
 from publisher.convert import convert_component
-from publisher.pipeline import weights_bytes
+from publisher.pipeline import BuiltComponent, component_report, weights_bytes
 from publisher.recipe import load_recipe
 from publisher.source import load_source
 from tests.conftest import DEMO_RECIPE
@@ -68,3 +69,21 @@ def test_scheme_compresses_and_runs_through_the_executor(converted, tmp_path, na
     assert np.isfinite(psnr) and psnr >= floor, (name, psnr)
     # Every scheme stores something other than the dense float16 weights.
     assert weights_bytes(compressed) != weights_bytes(package)
+
+
+def test_a_threshold_above_every_weight_is_reported_as_compressing_nothing(converted, tmp_path):
+    """A huge weight_threshold once published "palettize 6-bit" at 16.1 bits per weight."""
+    recipe, _, package = converted["iOS16"]
+    scheme = recipe.compression.vae_decoder
+    applied = compress_package(package, scheme, tmp_path / "applied.mlpackage")
+    untouched = compress_package(package, scheme.model_copy(update={"weight_threshold": 10**9}),
+                                 tmp_path / "untouched.mlpackage")
+    assert applied.compressed_weights > 0
+    assert untouched.compressed_weights == 0
+
+    built = BuiltComponent("vae_decoder", package, untouched.package, parameters=1000, convert_seconds=1.0,
+                           compress_seconds=1.0, compressed_weights=untouched.compressed_weights)
+    scheme_line = component_report(recipe, built).scheme
+    assert scheme_line.startswith("none: palettize 6-bit kmeans compressed no weight")
+    assert "weight_threshold" in scheme_line
+    assert component_report(recipe, replace(built, compressed_weights=3)).scheme == scheme.describe()

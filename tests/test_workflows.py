@@ -22,9 +22,10 @@ import pytest
 import yaml
 
 from publisher.cli import build_parser, main
-from publisher.device import DEVICE_RESULTS_NAME, DeviceResults, DeviceRun, read_device_results
+from publisher.device import DeviceResults, DeviceRun, read_device_results
 from publisher.errors import HubError, ParityError, PublisherError, RecipeError
 from publisher.hub import push_folder
+from publisher.layout import DEVICE_RESULTS_NAME
 from publisher.parity import coreml_runtime_available
 from publisher.pipeline import PushOptions
 from publisher.recipe import load_recipe
