@@ -77,7 +77,7 @@ def phase_convert(out: Path) -> dict:
     """Trace and convert the UNet to an fp16 ML Program (iOS16), once; cached."""
     import coremltools as ct
 
-    from publisher.convert import install_coremltools_fixes
+    from publisher.coremltools_fixes import install_coremltools_fixes
 
     install_coremltools_fixes()
     start = time.perf_counter()

@@ -20,7 +20,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from publisher.errors import PublisherError
+from publisher.errors import RecipeError
 from publisher.layout import IMAGES_FOLDER, RECIPE_NAME, REPORT_NAME
 from publisher.recipe import Recipe
 from publisher.report import PublishReport
@@ -100,7 +100,7 @@ def is_publisher_output(folder: Path) -> bool:
 def check_destination(out: Path) -> None:
     """Refuse to replace a folder this tool did not write: it may hold someone's work."""
     if out.exists() and not (out.is_dir() and (is_publisher_output(out) or not any(out.iterdir()))):
-        raise PublisherError(f"{out} exists and is not a coreml-publisher output; choose another --out")
+        raise RecipeError(f"{out} exists and is not a coreml-publisher output; choose another --out")
 
 
 def promote(staging: Path, out: Path) -> Path:

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 Attention = Literal["original", "split_einsum", "split_einsum_v2"]
@@ -145,7 +147,6 @@ class NeuralEngineTransformer2D(nn.Module):
         output = x + hidden_states
         if not return_dict:
             return (output,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=output)
 
@@ -195,7 +196,6 @@ def with_attention(model: nn.Module, attention: Attention) -> nn.Module:
         return model
     if attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; one of {', '.join(ATTENTIONS)}")
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     query_chunk = QUERY_CHUNK if attention == "split_einsum_v2" else None
 

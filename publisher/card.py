@@ -20,6 +20,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image, ImageDraw, ImageFont
 
 from publisher.card_template import TEMPLATES, render
+from publisher.components import swift_resource
 from publisher.device import DeviceRun, read_device_results
 from publisher.errors import PublisherError, RecipeError
 from publisher.layout import CARD_NAME, DEVICE_RESULTS_NAME, IMAGES_FOLDER, RECIPE_NAME
@@ -45,16 +46,6 @@ BACKENDS = {
     "executor-fp32": "Linux executor, fp32",
     "executor-fp16": "Linux executor, fp16",
     "coreml-runtime": "Core ML runtime",
-}
-# Resource names Apple's Swift pipeline loads from its --resource-path.
-SWIFT_RESOURCES = {
-    "text_encoder": "TextEncoder",
-    "text_encoder_2": "TextEncoder2",
-    "unet": "Unet",
-    "unet_chunk1": "UnetChunk1",
-    "unet_chunk2": "UnetChunk2",
-    "vae_decoder": "VAEDecoder",
-    "vae_encoder": "VAEEncoder",
 }
 SWIFT_COMPUTE_UNITS = {
     "ALL": "all",
@@ -347,9 +338,9 @@ def _usage(report: PublishReport) -> tuple[UsageVariant, ...]:
         first = variant.components[0]
         packages_dir = PurePosixPath(variant.folder, first.package).parent.as_posix()
         resources = tuple(
-            SwiftResource(component=c.component, resource=SWIFT_RESOURCES[c.component])
+            SwiftResource(component=c.component, resource=resource)
             for c in variant.components
-            if c.component in SWIFT_RESOURCES
+            if (resource := swift_resource(c.component)) is not None
         )
         usage.append(
             UsageVariant(

@@ -11,22 +11,10 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import coremltools as ct
+
+from publisher.components import CHUNKS, whole_component
 from publisher.errors import PublisherError
-
-CHUNKS = ("chunk1", "chunk2")
-
-
-def chunk_names(component: str) -> tuple[str, ...]:
-    """Apple's component names for the chunks: ``unet_chunk1``, ``unet_chunk2``."""
-    return tuple(f"{component}_{chunk}" for chunk in CHUNKS)
-
-
-def whole_component(component: str) -> str:
-    """``unet`` for ``unet_chunk1`` and ``unet_chunk2``; any other component for itself."""
-    for chunk in CHUNKS:
-        if component.endswith(f"_{chunk}"):
-            return component.removesuffix(f"_{chunk}")
-    return component
 
 
 def chains(packages: Mapping[str, Path]) -> dict[str, tuple[Path, ...]]:
@@ -41,8 +29,6 @@ def chains(packages: Mapping[str, Path]) -> dict[str, tuple[Path, ...]]:
 
 def chunk_package(package: Path, out: Path) -> tuple[Path, Path]:
     """Split ``package`` into ``out/chunk1.mlpackage`` and ``out/chunk2.mlpackage``."""
-    import coremltools as ct
-
     with tempfile.TemporaryDirectory(dir=out) as scratch:
         # Checking the chunks against the whole needs Core ML's runtime (macOS); the parity stage
         # runs the chained chunks through the executor instead.

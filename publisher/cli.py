@@ -73,7 +73,9 @@ def _cache(args: argparse.Namespace) -> int:
     if args.action == "ls":
         entries = cache.entries()
         for entry in entries:
-            print(f"{entry.stage:<9} {entry.key}  {entry.size / 2**20:9.1f} MiB  {entry.label}")
+            made_by = f"  (recipe {entry.recipe})" if entry.recipe else ""
+            broken = f"  BROKEN: {entry.problem}; the next run recomputes it" if entry.problem else ""
+            print(f"{entry.stage:<9} {entry.key}  {entry.size / 2**20:9.1f} MiB  {entry.label}{made_by}{broken}")
         print(f"{len(entries)} entries, {sum(e.size for e in entries) / 2**20:.1f} MiB in {cache.root}")
     else:
         removed, freed = cache.prune(older_than_days=args.older_than)
@@ -173,19 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"coreml-publisher {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors and final results")
-    common.add_argument("--verbose", action="store_true", help="also show coremltools' own progress bars")
+    # Only the commands that convert or run models have library progress to show.
+    narrated = argparse.ArgumentParser(add_help=False, parents=[common])
+    narrated.add_argument("--verbose", action="store_true", help="also show coremltools' own progress bars")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     validate = commands.add_parser("validate", parents=[common], help="check recipes without converting anything")
-    validate.add_argument("recipes", nargs="+", metavar="RECIPE")
+    validate.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe files (YAML) to check")
     validate.set_defaults(run=_validate)
 
     plan = commands.add_parser("plan", parents=[common], help="show what a recipe will build, and its sizes")
-    plan.add_argument("recipe", metavar="RECIPE")
+    plan.add_argument("recipe", metavar="RECIPE", help="the recipe file (YAML)")
     plan.set_defaults(run=_plan)
 
-    publish = commands.add_parser("publish", parents=[common], help="run a recipe and assemble the repository")
-    publish.add_argument("recipe", metavar="RECIPE")
+    publish = commands.add_parser("publish", parents=[narrated], help="run a recipe and assemble the repository")
+    publish.add_argument("recipe", metavar="RECIPE", help="the recipe file (YAML)")
     publish.add_argument("--out", required=True, metavar="DIR", help="where the assembled repository goes")
     publish.add_argument("--push", action="store_true", help="then upload DIR to the recipe's target repo")
     publish.add_argument("--force", nargs="?", const="all", choices=("all", *STAGES), metavar="STAGE",
@@ -194,27 +198,29 @@ def build_parser() -> argparse.ArgumentParser:
     publish.set_defaults(run=_publish)
 
     push = commands.add_parser("push", parents=[common], help="upload an assembled folder in one atomic commit")
-    push.add_argument("folder", metavar="DIR")
+    push.add_argument("folder", metavar="DIR", help="a folder assembled by `publisher publish`")
     push.add_argument("--repo", required=True, metavar="ID", help="target Hub repo id (namespace/name)")
     push.add_argument("--private", action="store_true", help="create the repo private if it does not exist")
     _add_push_flags(push)
     push.set_defaults(run=_push)
 
     cache = commands.add_parser("cache", parents=[common], help="list or prune the stage cache")
-    cache.add_argument("action", choices=("ls", "prune"))
+    cache.add_argument("action", choices=("ls", "prune"),
+                       help="ls: list the entries; prune: delete them (all, or those older than --older-than)")
     cache.add_argument("--older-than", type=float, metavar="DAYS", help="prune only entries older than DAYS")
     cache.set_defaults(run=_cache)
 
     card = commands.add_parser("card", parents=[common], help="re-render README.md of an assembled folder")
-    card.add_argument("folder", metavar="DIR")
+    card.add_argument("folder", metavar="DIR", help="a folder assembled by `publisher publish`")
     card.set_defaults(run=_card)
 
     synthesize = commands.add_parser(
         "synthesize", parents=[common], help="build a random-weight pipeline from a configs folder (offline tests)"
     )
-    synthesize.add_argument("configs", metavar="CONFIG_DIR")
-    synthesize.add_argument("out", metavar="OUT_DIR")
-    synthesize.add_argument("--seed", type=int, default=0)
+    synthesize.add_argument("configs", metavar="CONFIG_DIR",
+                            help="a pipeline's configs without weights, e.g. configs/sd15")
+    synthesize.add_argument("out", metavar="OUT_DIR", help="where the pipeline is saved (save_pretrained)")
+    synthesize.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     synthesize.set_defaults(run=_synthesize)
 
     changed = commands.add_parser(
@@ -227,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     changed.set_defaults(run=_changed_recipes)
 
     bench = commands.add_parser(
-        "bench-device", parents=[common],
+        "bench-device", parents=[narrated],
         help="on macOS: Core ML runtime parity, latency and compiled zips for a published repository",
     )
     bench.add_argument("target", metavar="DIR_OR_REPO", help="an assembled folder, or a Hub repo id to download")
@@ -246,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.verbose:
+    if not getattr(args, "verbose", False):
         _quiet_libraries()
     try:
         return args.run(args)
@@ -256,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was published", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `publisher plan ... | head` closed the pipe: the reader has what it wanted. Python would report
+        # the failed flush at exit, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import coremltools as ct
+from coremltools.optimize.coreml import (
+    OpLinearQuantizerConfig,
+    OpMagnitudePrunerConfig,
+    OpPalettizerConfig,
+    OptimizationConfig,
+    linear_quantize_weights,
+    palettize_weights,
+    prune_weights,
+)
 
+from publisher.coremltools_fixes import install_coremltools_fixes
 from publisher.mixed_bit import Calibration, MixedBitRecipe, build_recipe
-from publisher.palettize import install_packing_fix, palettize_config
+from publisher.package_weights import SKIPPED_OP_TYPES, Weight, program_weights
+from publisher.palettize import palettize_config
 from publisher.recipe import Override, Palettize, Prune, Quantize, Scheme
-
-# Apple leaves embedding tables (`gather`) uncompressed: palettized embeddings cost text-encoder
-# quality for little size.
-SKIPPED_OP_TYPES = ("gather",)
 
 
 @dataclass(frozen=True)
@@ -42,43 +48,6 @@ def compressed_weight_count(spec: Any) -> int:
 
 def _op_type_configs() -> dict[str, None]:
     return dict.fromkeys(SKIPPED_OP_TYPES)
-
-
-@dataclass(frozen=True)
-class Weight:
-    """A constant of the program and the ops reading it."""
-
-    name: str
-    consumers: tuple[str, ...]
-    consumer_types: tuple[str, ...]
-    size: int
-    floating: bool
-
-    def compressible(self, weight_threshold: int) -> bool:
-        """What coremltools compresses by default: float tensors above the threshold, not embeddings."""
-        return (self.floating and self.size > weight_threshold and bool(self.consumers)
-                and not set(self.consumer_types) & set(SKIPPED_OP_TYPES))
-
-    def matches(self, pattern: str) -> bool:
-        return any(fnmatchcase(name, pattern) for name in (self.name, *self.consumers))
-
-
-def program_weights(package: Path) -> list[Weight]:
-    """Every tensor constant of the package's main function, in program order."""
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto import load as milproto
-
-    model = ct.models.MLModel(str(package), skip_model_load=True)
-    spec = model.get_spec()
-    program = milproto.load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir or "")
-    weights = []
-    for op in program.functions["main"].operations:
-        value = op.outputs[0].val if op.op_type == "const" else None
-        if isinstance(value, np.ndarray) and value.size > 1:
-            readers = op.outputs[0].child_ops
-            weights.append(Weight(op.name, tuple(r.name for r in readers), tuple(r.op_type for r in readers),
-                                  int(value.size), bool(np.issubdtype(value.dtype, np.floating))))
-    return weights
 
 
 def _last_match(weight: Weight, overrides: tuple[Override, ...]) -> Override | None:
@@ -113,7 +82,6 @@ def _by_reader(weights: list[Weight], configs: dict[str, Any], default: Any) -> 
 
 
 def palettizer_config(palettize: Palettize, weight_threshold: int):
-    from coremltools.optimize.coreml import OpPalettizerConfig
 
     if palettize.mixed is not None:
         raise ValueError("a mixed-bit palettization has no single config: see compress_package")
@@ -134,7 +102,6 @@ def palettizer_config(palettize: Palettize, weight_threshold: int):
 
 
 def quantizer_config(quantize: Quantize, weight_threshold: int):
-    from coremltools.optimize.coreml import OpLinearQuantizerConfig
 
     return OpLinearQuantizerConfig(
         mode="linear_symmetric",
@@ -146,7 +113,6 @@ def quantizer_config(quantize: Quantize, weight_threshold: int):
 
 
 def pruner_config(prune: Prune, weight_threshold: int):
-    from coremltools.optimize.coreml import OpMagnitudePrunerConfig
 
     if prune.n_m is not None:
         return OpMagnitudePrunerConfig(n_m_ratio=tuple(prune.n_m), weight_threshold=weight_threshold)
@@ -175,7 +141,6 @@ def stage_configs(package: Path, scheme: Scheme, mixed: MixedBitRecipe | None = 
     The component's own stages are global configs; a mixed-bit recipe and the overrides become
     per-op configs (overrides win), so a pass runs when any of them asks for it.
     """
-    from coremltools.optimize.coreml import OptimizationConfig
 
     threshold = scheme.weight_threshold
     weights = program_weights(package) if (mixed or scheme.overrides) else []
@@ -214,11 +179,9 @@ def compress_package(package: Path, scheme: Scheme, out: Path, component: str = 
     A mixed-bit palettization with a target (not a stored recipe) is analysed here on
     ``calibration`` (see :func:`publisher.mixed_bit.calibration`); the result carries the recipe.
     """
-    import coremltools as ct
-    from coremltools.optimize.coreml import linear_quantize_weights, palettize_weights, prune_weights
 
     started = time.perf_counter()
-    install_packing_fix()
+    install_coremltools_fixes()
     mixed = None
     if scheme.palettize and scheme.palettize.mixed:
         mixed = mixed_recipe(package, scheme, component, calibration)

@@ -35,24 +35,22 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from publisher import executor
+from publisher.package_weights import program_weights
 from publisher.palettize import palettize
-from publisher.parity import Reference
-
-if TYPE_CHECKING:
-    from publisher.recipe import Recipe
-    from publisher.source import LoadedSource
+from publisher.parity import Reference, psnr, reference_cases
+from publisher.recipe import MIXED_NBITS, PALETTIZE_NBITS, Recipe
+from publisher.source import LoadedSource
 
 Inputs = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 
-# iOS16's constexpr_lut_to_dense stores 1, 2, 4, 6 or 8 bits (3 needs iOS18); Apple's recipes use the same set.
-DEFAULT_CANDIDATES = (1, 2, 4, 6, 8)
+DEFAULT_CANDIDATES = MIXED_NBITS
 # Gains are linearized at this width: the middle of the useful range, where errors are neither
 # rounding noise (8) nor so large that the output model saturates (1-2).
 REFERENCE_NBITS = 4
@@ -145,9 +143,10 @@ class MixedBitRecipe:
         layers = data.get("layers")
         if not isinstance(layers, dict) or not layers:
             raise ValueError(f"{path}: 'layers' must map weight names to nbits")
-        bad = [name for name, bits in layers.items() if bits not in (1, 2, 3, 4, 6, 8) or isinstance(bits, bool)]
+        bad = [name for name, bits in layers.items() if bits not in PALETTIZE_NBITS or isinstance(bits, bool)]
         if bad:
-            raise ValueError(f"{path}: layer {bad[0]!r}: nbits {layers[bad[0]]!r} is not one of 1,2,3,4,6,8")
+            widths = ",".join(map(str, PALETTIZE_NBITS))
+            raise ValueError(f"{path}: layer {bad[0]!r}: nbits {layers[bad[0]]!r} is not one of {widths}")
         average = data.get("average_bits")
         if not isinstance(average, int | float) or isinstance(average, bool):
             raise ValueError(f"{path}: 'average_bits' must be a number")
@@ -158,8 +157,6 @@ class MixedBitRecipe:
 
 def calibration(recipe: Recipe, source: LoadedSource, component: str) -> Calibration:
     """The parity gate's inputs for ``component`` and the fp32 torch outputs on them."""
-    from publisher.parity import reference_cases
-
     return reference_cases(recipe, source, component)
 
 
@@ -218,8 +215,6 @@ def _from_lut(weight: np.ndarray, lut: np.ndarray) -> np.ndarray:
 
 def eligible_weights(package: Path, weight_threshold: int, exclude: Iterable[str] = ()) -> list[tuple[str, int]]:
     """(name, size) of the weights palettization would touch, in program order."""
-    from publisher.compress import program_weights
-
     skip = set(exclude)
     return [(w.name, w.size) for w in program_weights(package)
             if w.compressible(weight_threshold) and w.name not in skip]
@@ -325,8 +320,6 @@ def measure(package: Path, calib: Calibration, layers: Mapping[str, int], analys
 
 def _measure(weights: _Weights, calib: Calibration, layers: Mapping[str, int],
              luts: Mapping[tuple[str, int], np.ndarray]) -> float:
-    from publisher.parity import psnr
-
     for name, nbits in layers.items():
         original = weights.original[name]
         lut = luts.get((name, nbits))

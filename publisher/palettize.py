@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 from collections.abc import Callable
 
 import numpy as np
 from coremltools._deps.kmeans1d import _core as _kmeans1d_core
 from coremltools.optimize.coreml import OpPalettizerConfig
 
-VALID_NBITS = (1, 2, 3, 4, 6, 8)
+from publisher.recipe import PALETTIZE_NBITS
 
 # Finite fp16 bit patterns in ascending value order; -0.0 (0x8000) is folded into +0.0 so that a
 # tensor of zeros has one distinct value.
@@ -118,7 +117,7 @@ def palettize(weight: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
 
     Args:
         weight: finite numeric array of any shape.
-        nbits: one of ``VALID_NBITS``.
+        nbits: one of ``PALETTIZE_NBITS``.
 
     Returns:
         ``(lut, indices)``: ``lut`` has ``2**nbits`` entries in ``weight.dtype``, ascending; with
@@ -126,8 +125,8 @@ def palettize(weight: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
         ``indices`` is a flat uint8 array of ``weight.size`` entries in C order, each the index of
         the nearest LUT entry (after the LUT is cast to ``weight.dtype``).
     """
-    if nbits not in VALID_NBITS:
-        raise ValueError(f"nbits must be one of {VALID_NBITS}, got {nbits}")
+    if nbits not in PALETTIZE_NBITS:
+        raise ValueError(f"nbits must be one of {PALETTIZE_NBITS}, got {nbits}")
     weight = np.asarray(weight)
     if weight.size == 0:
         raise ValueError("cannot palettize an empty tensor")
@@ -159,8 +158,8 @@ def lut_function(nbits: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndar
 
     A ``functools.partial`` of :func:`palettize`, so it pickles by reference.
     """
-    if nbits not in VALID_NBITS:
-        raise ValueError(f"nbits must be one of {VALID_NBITS}, got {nbits}")
+    if nbits not in PALETTIZE_NBITS:
+        raise ValueError(f"nbits must be one of {PALETTIZE_NBITS}, got {nbits}")
     return functools.partial(palettize, nbits=nbits)
 
 
@@ -174,7 +173,7 @@ def palettize_config(
     """An ``OpPalettizerConfig`` that palettizes with :func:`palettize` through the custom hook.
 
     Args:
-        nbits: bits per index, one of ``VALID_NBITS``.
+        nbits: bits per index, one of ``PALETTIZE_NBITS``.
         granularity: ``"per_tensor"`` (one LUT per weight) or ``"per_grouped_channel"`` (one LUT
             per ``group_size`` output channels; needs an iOS18/macOS15 deployment target, which
             coremltools checks when the pass runs).
@@ -198,43 +197,6 @@ def palettize_config(
         channel_axis=channel_axis,
         weight_threshold=weight_threshold,
     )
-
-
-def pack_bits(elements: np.ndarray, nbits: int) -> np.ndarray:
-    """``elements`` (integers of ``nbits`` bits, signed or not) packed LSB first into uint8.
-
-    The bytes of coremltools 9.0's ``pack_elements_into_bits`` (iOS16/17 LUT indices), which
-    expands every element to 8 bytes through ``np.unpackbits`` and copies the slice again: about a
-    third of a 6-bit SD 1.5 UNet's compression. This shifts each run of elements that fills whole
-    bytes (4 for 6 bits) into one integer word instead.
-    """
-    if not np.issubdtype(elements.dtype, np.integer):
-        raise ValueError(f"Only support packing integers elements, but got {elements.dtype}")
-    signed = np.issubdtype(elements.dtype, np.signedinteger)
-    low, high = (-(1 << (nbits - 1)), (1 << (nbits - 1)) - 1) if signed else (0, (1 << nbits) - 1)
-    if elements.size and not (low <= np.min(elements) and np.max(elements) <= high):
-        raise ValueError(f"To pack elements into {nbits}-bit, they must lie in [{low}, {high}]")
-    flat = elements.reshape(-1)
-    group = 8 // math.gcd(nbits, 8)
-    group_bytes = group * nbits // 8
-    padded = np.zeros(-(-flat.size // group) * group, np.uint8)
-    # Two's complement in uint8, cut to the low nbits: the bits np.unpackbits would have kept.
-    padded[: flat.size] = flat.astype(np.uint8) & ((1 << nbits) - 1)
-    columns = padded.reshape(-1, group)
-    word = np.dtype("<u4" if group_bytes <= 4 else "<u8")
-    packed = np.zeros(columns.shape[0], word)
-    for position in range(group):
-        packed |= columns[:, position].astype(word) << word.type(nbits * position)
-    packed_bytes = packed.view(np.uint8).reshape(-1, word.itemsize)[:, :group_bytes].reshape(-1)
-    return packed_bytes[: -(-flat.size * nbits // 8)].copy()
-
-
-@functools.cache
-def install_packing_fix() -> None:
-    """Make coremltools pack LUT indices with :func:`pack_bits` (same bytes, a fraction of the time)."""
-    from coremltools.optimize import _utils
-
-    _utils.pack_elements_into_bits = pack_bits
 
 
 def _cluster_distinct(values: np.ndarray, counts: np.ndarray, k: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:

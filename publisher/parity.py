@@ -16,23 +16,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from publisher import executor
-from publisher.convert import component_io, image_size, reference_module
+from publisher.components import component_names, component_spec
 from publisher.errors import ParityError
 from publisher.recipe import Recipe
 from publisher.report import ImageParity, ParityResult
-from publisher.source import COMPONENT_MODEL, LoadedSource
+from publisher.source import LoadedSource
+from publisher.wrappers import component_io, image_size, reference_module
 
 EXECUTOR_MODES: tuple[executor.Mode, ...] = ("fp32", "fp16")
+# The components the end-to-end text-to-image loop runs.
+IMAGE_COMPONENTS = component_names(in_images=True)
 COREML_RUNTIME = "coreml-runtime"
 GUIDANCE_SCALE = 7.5
 UNET_TIMESTEP_SAMPLES = 3  # early, middle and late in the schedule: errors differ across noise levels
 
 Inputs = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
-DENOISERS = ("unet", "control_unet", "controlnet")
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def psnr(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -114,7 +116,7 @@ def _text_conditioning(source: LoadedSource, prompts: list[str]) -> tuple[np.nda
     Returns (N, C, 1, S) hidden states (SDXL: both encoders' concatenated, as its UNet expects) and
     the last encoder's pooled output (SDXL's ``text_embeds``).
     """
-    encoders = [name for name in TEXT_ENCODERS if getattr(source.pipe, name, None) is not None]
+    encoders = [name for name in component_names("text_encoder") if getattr(source.pipe, name, None) is not None]
     hidden, pooled = [], None
     for name in encoders:
         module = reference_module(source, name)
@@ -131,9 +133,9 @@ def component_inputs(recipe: Recipe, source: LoadedSource, component: str) -> li
     generator = np.random.default_rng(recipe.parity.seed)
     shapes = {spec.name: spec.shape for spec in io.inputs}
     prompts = list(recipe.card.prompts)
-    if component in ("text_encoder", "text_encoder_2"):
+    if component_spec(component).role == "text_encoder":
         return [{"input_ids": ids} for ids in tokenize(source, prompts)]
-    if component in DENOISERS:
+    if component_spec(component).is_denoiser:
         cases = _denoiser_cases(recipe, source, shapes, generator)
         for case in cases:
             # ControlNet images are in [0, 1]; residuals are small corrections to the UNet's skips.
@@ -197,9 +199,9 @@ class ComponentParity:
 def reference_models(source: LoadedSource, component: str) -> tuple[str, ...]:
     """The models whose weights checking ``component`` reads: its own, and for a denoiser the text
     encoders that make its conditioning."""
-    models = [COMPONENT_MODEL[component]]
-    if component in DENOISERS:
-        models += [name for name in TEXT_ENCODERS if getattr(source.pipe, name, None) is not None]
+    models = [component_spec(component).model]
+    if component_spec(component).is_denoiser:
+        models += [name for name in component_names("text_encoder") if getattr(source.pipe, name, None) is not None]
     return tuple(models)
 
 
@@ -346,7 +348,7 @@ def _recording(run: Callable[[str, Inputs], Outputs],
 
 
 def reference_runner(recipe: Recipe, source: LoadedSource) -> Callable[[str, Inputs], Outputs]:
-    modules = {component: reference_module(source, component) for component in ("text_encoder", "unet", "vae_decoder")}
+    modules = {component: reference_module(source, component) for component in IMAGE_COMPONENTS}
 
     def run(component: str, inputs: Inputs) -> Outputs:
         return _reference(modules[component], inputs, component_io(recipe, source, component).outputs)
@@ -362,9 +364,6 @@ def package_runner(packages: Mapping[str, Path | Sequence[Path]], mode: executor
         return runners[component](inputs)
 
     return run
-
-
-IMAGE_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 
 def checks_images(recipe: Recipe, source: LoadedSource) -> bool:
@@ -383,7 +382,9 @@ def cases_from_images(recipe: Recipe, source: LoadedSource) -> tuple[str, ...]:
     """
     if not checks_images(recipe, source):
         return ()
-    return ("unet", "vae_decoder") if recipe.parity.image_steps >= UNET_TIMESTEP_SAMPLES else ("vae_decoder",)
+    steps_enough = recipe.parity.image_steps >= UNET_TIMESTEP_SAMPLES
+    return tuple(component for component in IMAGE_COMPONENTS if component_spec(component).role == "vae"
+                 or (component_spec(component).is_denoiser and steps_enough))
 
 
 @dataclass(frozen=True)
@@ -400,7 +401,7 @@ def reference_images(recipe: Recipe, source: LoadedSource) -> ReferenceImages:
     if not checks_images(recipe, source):
         return ReferenceImages([], {})
     calls: dict[str, list[tuple[Inputs, Outputs]]] = {}
-    with source.weights("text_encoder", "unet", "vae"):
+    with source.weights(*(component_spec(component).model for component in IMAGE_COMPONENTS)):
         run = reference_runner(recipe, source)
         images = [denoise(recipe, source, prompt, run, calls if index == 0 else None)
                   for index, prompt in enumerate(recipe.card.prompts)]
@@ -419,8 +420,6 @@ def image_parity(recipe: Recipe, source: LoadedSource, variant: str, packages: M
     """Denoise each recipe prompt with ``packages`` and compare with ``references`` (see
     :func:`reference_images`); save both as PNGs under ``root/images/``. Executor programs already
     in ``programs`` are run from there."""
-    from PIL import Image
-
     if not references:
         return []
     run_package = package_runner({component: packages[component] for component in IMAGE_COMPONENTS},

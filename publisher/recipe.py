@@ -23,20 +23,23 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from publisher.components import NAMES as COMPONENTS
+from publisher.components import component_names
 from publisher.errors import RecipeError
 from publisher.layout import ROOT_NAMES
 
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "controlnet", "control_unet")
-Component = Literal[
-    "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "controlnet", "control_unet"
-]
-VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
+Component = Literal[COMPONENTS]  # type: ignore[valid-type]  # the table's names, checked by pydantic
+VAE_COMPONENTS = component_names("vae")
 Precision = Literal["float16", "float32"]
 PALETTIZE_NBITS = (1, 2, 3, 4, 6, 8)
+# iOS16's constexpr_lut_to_dense stores 1, 2, 4, 6 or 8 bits (3 needs iOS18); Apple's mixed-bit recipes
+# use the same set.
+MIXED_NBITS = (1, 2, 4, 6, 8)
 
 # fullmatch everywhere: `$` also matches before a trailing newline.
 _NAMESPACED = re.compile(r"[A-Za-z0-9._-]+/[A-Za-z0-9._-]+")
@@ -169,7 +172,7 @@ class Variant(_Strict):
 
 
 class Conversion(_Strict):
-    components: tuple[Component, ...] = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+    components: tuple[Component, ...] = component_names(default=True)
     precision: Precision = "float16"
     # SDXL's VAE overflows in float16 (black images): keep it float32 unless the source VAE is the fixed one.
     vae_precision: Precision | None = None
@@ -206,7 +209,7 @@ class MixedBits(_Strict):
     target_bits: Annotated[float, Field(ge=1, le=8)] | None = None
     target_psnr: Annotated[float, Field(gt=0, le=200)] | None = None
     recipe: Path | None = None
-    candidates: tuple[Literal[1, 2, 4, 6, 8], ...] = (1, 2, 4, 6, 8)
+    candidates: tuple[Literal[MIXED_NBITS], ...] = MIXED_NBITS  # type: ignore[valid-type]
     groups: Annotated[int, Field(ge=1, le=256)] = 8
 
     @model_validator(mode="after")
@@ -227,7 +230,7 @@ class MixedBits(_Strict):
 class Palettize(_Strict):
     """k-means (or uniform) look-up-table compression, decompressed just in time by Core ML."""
 
-    nbits: Literal[1, 2, 3, 4, 6, 8] | None = None
+    nbits: Literal[PALETTIZE_NBITS] | None = None  # type: ignore[valid-type]
     mixed: MixedBits | None = None
     mode: Literal["kmeans", "uniform"] = "kmeans"
     granularity: Literal["per_tensor", "per_grouped_channel"] = "per_tensor"
@@ -358,17 +361,8 @@ def _scheme_or_none(value: Any) -> Any:
     return {} if value in ("none", None) else value
 
 
-SchemeField = Annotated[Scheme, Field(default_factory=Scheme)]
-
-
-class Compression(_Strict):
-    text_encoder: SchemeField
-    text_encoder_2: SchemeField
-    unet: SchemeField
-    vae_decoder: SchemeField
-    vae_encoder: SchemeField
-    controlnet: SchemeField
-    control_unet: SchemeField
+class _CompressionBase(_Strict):
+    """A :class:`Scheme` per component of the table (fields added by :data:`Compression`)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -379,6 +373,13 @@ class Compression(_Strict):
 
     def for_component(self, component: str) -> Scheme:
         return getattr(self, component)
+
+
+# One field per component of the table, so adding a component adds its `compression.<name>` key.
+Compression = create_model(
+    "Compression", __base__=_CompressionBase,
+    **{name: (Scheme, Field(default_factory=Scheme)) for name in COMPONENTS},  # type: ignore[call-overload]
+)
 
 
 class Parity(_Strict):

@@ -13,7 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 
 MODEL_LIBRARIES = ("diffusers", "transformers")
 
@@ -26,9 +28,6 @@ def build_pipeline(config_dir: Path, out_dir: Path, *, seed: int = 0, dtype: tor
     The output is written to a temporary sibling and renamed into place, so an interrupted build
     never leaves a folder that looks complete.
     """
-    import diffusers
-    import transformers
-
     index = json.loads((config_dir / "model_index.json").read_text())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

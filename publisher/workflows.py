@@ -34,12 +34,13 @@ import numpy as np
 
 from publisher import __version__
 from publisher.cache import hash_path
-from publisher.card import SWIFT_RESOURCES, format_bytes, write_card
+from publisher.card import format_bytes, write_card
 from publisher.chunk import chains
+from publisher.components import component_names, swift_resource
 from publisher.device import DeviceResults, DeviceRun, read_device_results
 from publisher.errors import HubError, ParityError, PublisherError, RecipeError
 from publisher.hub import HubCall, PushResult, format_operations, format_summary, hub_errors, push_folder
-from publisher.layout import DEVICE_RESULTS_NAME
+from publisher.layout import DEVICE_RESULTS_NAME, TOKENIZER_FILES
 from publisher.recipe import Recipe, load_recipe
 from publisher.report import ParityResult, PublishReport
 
@@ -51,12 +52,9 @@ RECIPE_SUFFIXES = (".yaml", ".yml")
 # GitHub's `github.event.before` when the pushed branch did not exist before.
 ZERO_SHA = "0" * 40
 
-# ControlNets are left out: Apple's Swift pipeline loads them from `controlnet/<Name>.mlmodelc` under a
-# name the app chooses, not under a fixed resource name.
-COMPILED_RESOURCES = {**SWIFT_RESOURCES, "control_unet": "ControlledUnet"}
-TOKENIZER_FILES = ("merges.txt", "vocab.json")
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-GENERATION = (*TEXT_ENCODERS, "unet", "vae_decoder")  # the models one text-to-image generation runs
+TEXT_ENCODERS = component_names("text_encoder")
+# The models one text-to-image generation runs: every text encoder the repository has, then the image check's.
+GENERATION = tuple(dict.fromkeys((*TEXT_ENCODERS, *component_names(in_images=True))))
 COMMIT_MESSAGE = "Add device benchmarks and compiled Core ML models"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so the same models always zip to the same bytes
 _COPY_CHUNK = 1 << 20
@@ -220,12 +218,12 @@ def bench_device(folder: Path, repo_id: str, recipe: Recipe, tools: DeviceTools,
             if compiled is None:
                 continue
             result.zips.append(zip_compiled(compiled).replace(folder / f"{stem}.zip"))
-            if not all(component in packages for component in ("text_encoder", "unet", "vae_decoder")):
+            if not all(component in packages for component in component_names(in_images=True)):
                 continue  # not a text-to-image pipeline: nothing to time end to end
             inputs = {component: example_inputs(packages[component]) for component in GENERATION
                       if component in packages}
             for unit in settings.compute_units or (variant.compute_units,):
-                models = {component: tools.load(compiled / f"{COMPILED_RESOURCES[component]}.mlmodelc", unit)
+                models = {component: tools.load(compiled / f"{swift_resource(component)}.mlmodelc", unit)
                           for component in inputs}
                 latency, speed = time_generation(models, inputs, settings.steps, settings.runs, clock)
                 result.runs.append(DeviceRun(
@@ -255,7 +253,9 @@ def compile_variant(folder: Path, packages: dict[str, Path], destination: Path,
     """Compile ``packages`` into ``destination`` as the resources Apple's Swift pipeline loads
     (``Unet.mlmodelc``, ...), beside the tokenizer files it reads. ``None`` when the variant has no
     component the pipeline loads by a fixed name (a ControlNet alone)."""
-    resources = {component: COMPILED_RESOURCES[component] for component in packages if component in COMPILED_RESOURCES}
+    # ControlNets are left out: Apple's Swift pipeline loads them from `controlnet/<Name>.mlmodelc` under a
+    # name the app chooses, not under a fixed resource name.
+    resources = {component: resource for component in packages if (resource := swift_resource(component)) is not None}
     if not resources:
         return None
     missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]

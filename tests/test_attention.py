@@ -17,11 +17,12 @@ from diffusers import UNet2DConditionModel
 
 from publisher import executor
 from publisher.attention import QUERY_CHUNK, NeuralEngineTransformer2D, split_einsum, with_attention
-from publisher.convert import component_io, convert_component, example_inputs, reference_module
+from publisher.convert import convert_component, example_inputs
 from publisher.parity import psnr
 from publisher.recipe import load_recipe
 from publisher.source import load_source
 from publisher.synthetic import build_pipeline
+from publisher.wrappers import component_io, reference_module
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_SD = ROOT / "recipes" / "examples" / "tiny-sd"

@@ -11,9 +11,10 @@ import pytest
 from huggingface_hub import ModelCard
 
 from publisher import executor
-from publisher.chunk import chains, chunk_names, chunk_package, whole_component
+from publisher.chunk import chains, chunk_package
+from publisher.components import chunk_names, whole_component
 from publisher.compress import compress_package
-from publisher.convert import component_io, convert_component, example_inputs
+from publisher.convert import convert_component, example_inputs
 from publisher.errors import RecipeError
 from publisher.parity import measure_component, psnr
 from publisher.pipeline import publish
@@ -21,6 +22,7 @@ from publisher.plan import describe_plan
 from publisher.recipe import load_recipe
 from publisher.report import PublishReport
 from publisher.source import load_source
+from publisher.wrappers import component_io
 from tests.conftest import DEMO_RECIPE
 
 PREFIX = "original/packages/Stable_Diffusion_version_tiny-sd-palettized"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from publisher.convert import fits_fp16, install_coremltools_fixes
+from publisher.coremltools_fixes import fits_fp16, install_coremltools_fixes
 
 # diffusers' attention computes head sizes from traced shapes: `aten::Int` on folded 1-element arrays.
 CONVERT_ATTENTION = textwrap.dedent(

@@ -22,7 +22,7 @@ ct = pytest.importorskip("coremltools")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from publisher.convert import install_coremltools_fixes  # noqa: E402
+from publisher.coremltools_fixes import install_coremltools_fixes  # noqa: E402
 from publisher.executor import load_program, run  # noqa: E402
 
 

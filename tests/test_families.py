@@ -15,20 +15,14 @@ import pytest
 import torch
 
 from publisher import executor
-from publisher.convert import (
-    component_io,
-    convert_component,
-    convert_in_subprocess,
-    example_inputs,
-    reference_module,
-    residual_names,
-)
+from publisher.convert import convert_component, convert_in_subprocess, example_inputs
 from publisher.errors import RecipeError
 from publisher.parity import psnr
 from publisher.plan import count_parameters
 from publisher.recipe import Recipe, load_recipe
 from publisher.source import LoadedSource, load_source
 from publisher.synthetic import build_pipeline
+from publisher.wrappers import component_io, reference_module, residual_names
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

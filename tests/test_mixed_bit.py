@@ -12,10 +12,11 @@ import pytest
 from coremltools.converters.mil.frontend.milproto import load as milproto
 
 from publisher import mixed_bit
-from publisher.compress import compress_package, mixed_recipe, program_weights
+from publisher.compress import compress_package, mixed_recipe
 from publisher.convert import convert_component
 from publisher.errors import RecipeError
 from publisher.mixed_bit import MixedBitRecipe
+from publisher.package_weights import program_weights
 from publisher.parity import measure_component
 from publisher.recipe import Scheme, load_recipe
 from publisher.source import load_source

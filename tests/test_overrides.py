@@ -12,9 +12,10 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.frontend.milproto import load as milproto
 
 from publisher import executor
-from publisher.compress import compress_package, program_weights
+from publisher.compress import compress_package
 from publisher.errors import RecipeError
 from publisher.mixed_bit import MixedBitRecipe
+from publisher.package_weights import program_weights
 from publisher.parity import psnr
 from publisher.recipe import Scheme, load_recipe
 

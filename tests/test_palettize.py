@@ -14,15 +14,14 @@ from coremltools.converters.mil.frontend.milproto.load import load as load_milpr
 from coremltools.optimize import _utils as coremltools_utils
 from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
 
+from publisher.coremltools_fixes import install_coremltools_fixes, pack_bits
 from publisher.palettize import (
-    VALID_NBITS,
-    install_packing_fix,
     kmeans_1d,
     lut_function,
-    pack_bits,
     palettize,
     palettize_config,
 )
+from publisher.recipe import PALETTIZE_NBITS
 
 # Taken at collection, before any test installs the packing fix.
 COREMLTOOLS_PACK = coremltools_utils.pack_elements_into_bits
@@ -137,7 +136,7 @@ def test_oracle_matches_brute_force():
 # the 8 micro-bins per cluster that are clustered exactly, so they go through the windowed search.
 # 8 bits use a quarter of the elements to keep the oracle's exact DP fast.
 @pytest.mark.parametrize("kind", ["normal", "student_t3", "laplace", "uniform", "bimodal"])
-@pytest.mark.parametrize("nbits", VALID_NBITS)
+@pytest.mark.parametrize("nbits", PALETTIZE_NBITS)
 def test_sse_within_0_1_percent_of_optimum(kind, nbits):
     weight = tensor(kind, 1 << (14 if nbits == 8 else 16)).reshape(128, -1)
     lut, indices = palettize(weight, nbits)
@@ -163,7 +162,7 @@ def test_indices_point_at_the_nearest_entry():
     assert np.array_equal(distance[np.arange(weight.size), indices], distance.min(axis=1))
 
 
-@pytest.mark.parametrize("nbits", VALID_NBITS)
+@pytest.mark.parametrize("nbits", PALETTIZE_NBITS)
 def test_few_distinct_values_are_stored_exactly(nbits):
     rng = np.random.default_rng(nbits)
     palette = np.sort(rng.choice(np.arange(-500, 500), min(1 << nbits, 37), replace=False)) / 256
@@ -291,7 +290,7 @@ def test_pack_bits_refuses_what_coremltools_refuses():
 
 
 def test_packing_fix_reaches_the_palettization_pass():
-    install_packing_fix()
+    install_coremltools_fixes()
     assert coremltools_utils.pack_elements_into_bits is pack_bits
     lut = np.arange(64, dtype=np.float16).reshape(1, 1, 64, 1)
     indices = np.random.default_rng(0).integers(0, 64, (8, 4)).astype(np.uint8)

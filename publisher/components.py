@@ -1,0 +1,113 @@
+"""Components: what the project knows about each Core ML component, in one table.
+
+Every stage reads this table instead of keeping its own list: the recipe's schema, the source's
+model folders, conversion, parity, the card, the compiled resources of the macOS job and ``plan``.
+Adding a component is one entry here plus its torch wrapper and I/O contract in
+:mod:`publisher.wrappers` (registered there by name; a test checks that every entry has both).
+
+The names follow Apple's ml-stable-diffusion: its package suffixes
+(``Stable_Diffusion_version_<model>_<suffix>.mlpackage``) and the resource names its Swift pipeline
+loads compiled models under (``StableDiffusionPipeline+Resources.swift``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["text_encoder", "denoiser", "vae", "controlnet"]
+
+# Apple's chunked UNets (--chunk-unet): two packages, loaded as <Resource>Chunk1 / <Resource>Chunk2.
+CHUNKS = ("chunk1", "chunk2")
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One convertible component.
+
+    Attributes:
+        name (`str`):
+            The name recipes use (``conversion.components``, ``compression.<name>``).
+        role (`str`):
+            ``text_encoder``, ``denoiser`` (UNet-like: takes latents and text), ``vae`` or ``controlnet``.
+        model (`str`):
+            The source model its weights come from: a diffusers pipeline folder (``vae`` holds both VAE
+            halves), or ``controlnet`` (the recipe's ``source.controlnet``).
+        package_suffix (`str`, *optional*):
+            Apple's package suffix; ``None`` for a ControlNet, published as ``ControlNet_<model id>``.
+        swift_resource (`str`, *optional*):
+            The compiled model's name in Apple's Swift resources; ``None`` for a ControlNet, which an app
+            loads from ``controlnet/<Name>.mlmodelc`` under the name it chooses.
+        traced_small (`bool`):
+            Traced on small inputs and converted at the recipe's size (convolutional, shape-agnostic trace).
+        in_images (`bool`):
+            Run by the end-to-end text-to-image check.
+        default (`bool`):
+            Converted when a recipe does not list its components.
+    """
+
+    name: str
+    role: Role
+    model: str
+    package_suffix: str | None
+    swift_resource: str | None
+    traced_small: bool = False
+    in_images: bool = False
+    default: bool = False
+
+    @property
+    def is_denoiser(self) -> bool:
+        """Denoisers (and ControlNets) take latents and text conditioning; their attention varies by variant."""
+        return self.role in ("denoiser", "controlnet")
+
+
+TABLE: dict[str, ComponentSpec] = {
+    entry.name: entry
+    for entry in (
+        ComponentSpec("text_encoder", "text_encoder", "text_encoder", "text_encoder", "TextEncoder", in_images=True,
+                      default=True),
+        ComponentSpec("text_encoder_2", "text_encoder", "text_encoder_2", "text_encoder_2", "TextEncoder2"),
+        ComponentSpec("unet", "denoiser", "unet", "unet", "Unet", in_images=True, default=True),
+        ComponentSpec("vae_decoder", "vae", "vae", "vae_decoder", "VAEDecoder", traced_small=True, in_images=True,
+                      default=True),
+        ComponentSpec("vae_encoder", "vae", "vae", "vae_encoder", "VAEEncoder", traced_small=True, default=True),
+        ComponentSpec("controlnet", "controlnet", "controlnet", None, None),
+        ComponentSpec("control_unet", "denoiser", "unet", "control-unet", "ControlledUnet"),
+    )
+}
+NAMES = tuple(TABLE)
+
+
+def component_spec(name: str) -> ComponentSpec:
+    """The table entry of ``name`` (a chunk, ``unet_chunk1``, is its whole component's)."""
+    return TABLE[whole_component(name)]
+
+
+def component_names(role: Role | None = None, *, in_images: bool | None = None,
+                    default: bool | None = None) -> tuple[str, ...]:
+    """Component names in table order; those of one role, of the image check or converted by default."""
+    return tuple(name for name, entry in TABLE.items()
+                 if (role is None or entry.role == role) and (in_images is None or entry.in_images == in_images)
+                 and (default is None or entry.default == default))
+
+
+def chunk_names(name: str) -> tuple[str, ...]:
+    """Apple's names for a chunked component's packages: ``unet_chunk1``, ``unet_chunk2``."""
+    return tuple(f"{name}_{chunk}" for chunk in CHUNKS)
+
+
+def whole_component(name: str) -> str:
+    """``unet`` for ``unet_chunk1`` and ``unet_chunk2``; any other name for itself."""
+    for chunk in CHUNKS:
+        if name.endswith(f"_{chunk}"):
+            return name.removesuffix(f"_{chunk}")
+    return name
+
+
+def swift_resource(name: str) -> str | None:
+    """The compiled resource Swift loads for a package of ``name``: ``Unet``, ``UnetChunk1``,
+    ``ControlledUnetChunk2``; ``None`` for a ControlNet."""
+    resource = component_spec(name).swift_resource
+    if resource is None or name == whole_component(name):
+        return resource
+    return resource + name.removeprefix(whole_component(name) + "_").capitalize()

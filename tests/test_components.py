@@ -1,0 +1,83 @@
+"""The component table is the one place the project knows its components: every entry is complete,
+and no other module keeps a list of component names."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from publisher import components, wrappers
+from publisher.components import TABLE, chunk_names, component_names, swift_resource, whole_component
+from publisher.recipe import Compression, Conversion
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = set(TABLE)
+
+
+def test_every_component_has_a_wrapper_and_a_contract():
+    modules, contracts = wrappers.registered()
+    assert modules == NAMES
+    assert contracts == NAMES
+
+
+def test_the_recipe_schema_follows_the_table():
+    assert set(Compression.model_fields) == NAMES
+    assert set(Conversion.model_fields["components"].annotation.__args__[0].__args__) == NAMES
+
+
+@pytest.mark.parametrize(
+    ("package", "resource"),
+    [("text_encoder", "TextEncoder"), ("text_encoder_2", "TextEncoder2"), ("unet", "Unet"),
+     ("unet_chunk1", "UnetChunk1"), ("unet_chunk2", "UnetChunk2"), ("vae_decoder", "VAEDecoder"),
+     ("vae_encoder", "VAEEncoder"), ("control_unet", "ControlledUnet"),
+     ("control_unet_chunk1", "ControlledUnetChunk1"), ("controlnet", None)],
+)
+def test_swift_resource_names_are_apples(package: str, resource: str | None):
+    """StableDiffusionPipeline+Resources.swift's names (ControlNets are loaded by the app's own names)."""
+    assert swift_resource(package) == resource
+
+
+def test_chunk_names_round_trip():
+    for name in TABLE:
+        assert all(whole_component(chunk) == name for chunk in chunk_names(name))
+    assert chunk_names("unet") == ("unet_chunk1", "unet_chunk2")
+
+
+def test_roles_partition_the_table():
+    assert set().union(*(component_names(role) for role in ("text_encoder", "denoiser", "vae", "controlnet"))) == NAMES
+    assert component_names(in_images=True) == ("text_encoder", "unet", "vae_decoder")
+
+
+def _string_tuples(tree: ast.AST) -> list[tuple[int, set[str]]]:
+    """Every tuple, list, set or dict-key literal holding two or more component names."""
+    found = []
+    for node in ast.walk(tree):
+        elements = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+        if elements is None:
+            continue
+        values = {element.value for element in elements if isinstance(element, ast.Constant)
+                  and isinstance(element.value, str)}
+        if len(values & NAMES) >= 2:
+            found.append((node.lineno, values & NAMES))
+    return found
+
+
+def test_no_other_module_lists_component_names():
+    """Grep for a module that keeps its own list of components: it would drift from the table."""
+    offenders = []
+    for path in sorted((ROOT / "publisher").rglob("*.py")):
+        if path.name == "components.py":
+            continue
+        for line, names in _string_tuples(ast.parse(path.read_text())):
+            offenders.append(f"{path.relative_to(ROOT)}:{line}: {sorted(names)}")
+    assert offenders == []
+
+
+def test_the_check_finds_a_list():
+    assert _string_tuples(ast.parse('X = ("unet", "vae_decoder")\n')) == [(1, {"unet", "vae_decoder"})]
+    assert _string_tuples(ast.parse('X = {"unet": 1, "text_encoder": 2}\n'))
+    assert not _string_tuples(ast.parse('X = ("unet", "other")\n'))
+    assert re.search("component", components.__doc__)
