@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from publisher.components import component_spec
 from publisher.errors import PublisherError, RecipeError
 from publisher.recipe import ModelSource, Recipe
+from publisher.source_check import CONTROLNET_CLASS, check_source, check_tokenizer, refuse
 
 Family = Literal["sd1", "sd2", "sdxl"]
 
@@ -89,12 +91,7 @@ class LoadedSource:
         diffusers loads Hub sources from a local snapshot, so the tokenizer's ``name_or_path`` is a
         folder either way.
         """
-        folder = Path(self.tokenizer.name_or_path)
-        files = [folder / "vocab.json", folder / "merges.txt"]
-        missing = [file.name for file in files if not file.is_file()]
-        if missing:
-            raise PublisherError(f"the source tokenizer in {folder} has no {' or '.join(missing)}")
-        return files
+        return check_tokenizer(Path(self.tokenizer.name_or_path))
 
 
 def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any] | None) -> Family:
@@ -107,38 +104,51 @@ def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any] | Non
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else None  # check_source has parsed it
 
 
 def _license_from_card(card_path: Path) -> str | None:
     if not card_path.is_file():
         return None
+    import yaml
     from huggingface_hub import ModelCard
 
-    license_id = ModelCard.load(card_path).data.to_dict().get("license")
+    try:
+        license_id = ModelCard.load(card_path).data.to_dict().get("license")
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: not UTF-8, or metadata that is not a mapping
+        # Refused rather than ignored: the published card would silently lose the source's license.
+        problem = " ".join(str(exc).split())
+        raise refuse(card_path, f"the model card's metadata cannot be read ({problem})",
+                     "fix the YAML between its --- lines") from None
     return str(license_id) if license_id else None
 
 
 def inspect_source(recipe: Recipe) -> SourceInfo:
-    """Read the source's configs without loading weights, and check the recipe fits them.
+    """Read the source's configs without loading weights, and check its files and that the recipe fits them.
 
     A Hub source cannot be inspected offline: its family is the recipe's (if given) and the
     component check happens when it is loaded.
+
+    Args:
+        recipe (`Recipe`):
+            The validated recipe.
+
+    Returns:
+        [`SourceInfo`]: the family, the pipeline's components and the license of a local source.
+
+    Raises:
+        [`~publisher.errors.RecipeError`]:
+            A file of a local source is missing or broken (see `publisher.source_check`), or the
+            recipe converts a component the source lacks.
     """
     source = recipe.source
-    if source.path is None:
+    index = check_source(recipe)
+    if index is None:
         return SourceInfo(family=source.family, components=(), license=None)
-    index = _read_json(source.path / "model_index.json") or {}
     present = tuple(name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None)
     family = source.family or detect_family(index, _read_json(source.path / "unet" / "config.json"))
     _check_components(recipe, present, family)
     return SourceInfo(family=family, components=present, license=_license_from_card(source.path / "README.md"))
-
-
-# The pipeline model each component is made from; `controlnet` comes from source.controlnet instead.
-PIPELINE_MODEL = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
-                  "control_unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
-COMPONENT_MODEL = {**PIPELINE_MODEL, "controlnet": "controlnet"}
 
 
 def release_memory() -> None:
@@ -157,8 +167,9 @@ def release_memory() -> None:
 
 def _check_components(recipe: Recipe, present: tuple[str, ...], family: Family) -> None:
     for component in recipe.conversion.components:
-        model = PIPELINE_MODEL.get(component)
-        if model is not None and model not in present:
+        model = component_spec(component).model
+        # A ControlNet comes from source.controlnet, not from the pipeline's folders.
+        if component_spec(component).role != "controlnet" and model not in present:
             raise RecipeError(
                 f"{recipe.file}: conversion.components: {component!r} is not in the source pipeline "
                 f"(it has {', '.join(sorted(present))})"
@@ -181,10 +192,12 @@ def load_source(recipe: Recipe, models: tuple[str, ...] | None = None) -> Loaded
     info = inspect_source(recipe)
     source = recipe.source
     location = _location(source)
+    if source.repo is not None:  # a local pipeline was checked by inspect_source
+        check_source(recipe, snapshot=_hub_configs(source))
     model_index = _model_index(location, source.revision)
     classes = _torch_models(model_index)
     if source.controlnet is not None:
-        classes["controlnet"] = "ControlNetModel"
+        classes["controlnet"] = CONTROLNET_CLASS
     loaded = set(classes if models is None else set(models) & set(classes))
 
     def separate(name: str) -> bool:  # not in the pipeline's folders: from_pretrained cannot load it
@@ -267,6 +280,18 @@ def _empty_model(class_name: str, location: str, revision: str | None, subfolder
         raise _load_error(f"the {class_name} config of", location, exc) from None
     with init_empty_weights():
         return cls.from_config(config)
+
+
+def _hub_configs(source: ModelSource) -> Path:
+    """The Hub pipeline's model index, configs and tokenizer files (no weights), downloaded into the Hub cache
+    where diffusers then finds them."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.repo, revision=source.revision,
+                                      allow_patterns=["model_index.json", "*/*.json", "*/*.txt"]))
+    except OSError as exc:
+        raise _load_error("the source pipeline", str(source.repo), exc) from None
 
 
 def _model_index(location: str, revision: str | None) -> dict[str, Any]:

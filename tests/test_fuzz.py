@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from publisher.errors import RecipeError
 from publisher.recipe import load_recipe
 from publisher.source import inspect_source
-from tests.conftest import DEMO_RECIPE, ROOT
+from tests.conftest import DEMO_RECIPE, ROOT, TINY_SOURCE
 
 BASE = yaml.safe_load(DEMO_RECIPE.read_text())
 BASE["source"]["path"] = str(DEMO_RECIPE.parent / "tiny-sd")
@@ -112,3 +114,48 @@ def test_fuzz_touches_nothing_in_the_repository(tmp_path):
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"case{i}.yaml" for i in range(len(cases))]
     assert _outside_files() == before
+
+
+SOURCE_FILES = sorted(str(path.relative_to(TINY_SOURCE)) for path in TINY_SOURCE.rglob("*") if path.is_file())
+
+
+@pytest.fixture(scope="module")
+def damaged_source(tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of the demo pipeline that each example damages one file of, then restores; and its recipe."""
+    folder = tmp_path_factory.mktemp("damaged")
+    source = Path(shutil.copytree(TINY_SOURCE, folder / "tiny-sd"))
+    recipe = copy.deepcopy(BASE)
+    recipe["source"]["path"] = str(source)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return source, folder / "recipe.yaml"
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(SOURCE_FILES), damage=st.sampled_from(["delete", "truncate", "overwrite"]), data=st.data())
+def test_damaged_source_file_is_valid_or_one_line_error(damaged_source, name, damage, data):
+    """Deleting a file the run reads, or truncating a weight or JSON file, is always caught at validate."""
+    source, recipe = damaged_source
+    path = source / name
+    original = path.read_bytes()
+    if damage == "delete":
+        path.unlink()
+        must_fail = name != "README.md"  # the model card only lends its license
+    elif damage == "truncate":
+        size = data.draw(st.integers(0, len(original) - 1))
+        path.write_bytes(original[:size])
+        # a JSON object cut before its closing brace never parses; merges.txt and the card are free text
+        must_fail = name.endswith(".safetensors") or (name.endswith(".json") and size < len(original.rstrip()))
+    else:
+        at = data.draw(st.integers(0, len(original) - 1))
+        path.write_bytes(original[:at] + data.draw(st.binary(min_size=1, max_size=8)) + original[at + 8:])
+        must_fail = False
+    try:
+        inspect_source(load_recipe(recipe))
+    except RecipeError as error:
+        message = str(error)
+        assert "\n" not in message and error.exit_code == 2
+        assert message.startswith((str(source), str(recipe))), message
+    else:
+        assert not must_fail, f"{damage} {name} passed validate"
+    finally:
+        path.write_bytes(original)
