@@ -9,7 +9,8 @@ commit at all. After the commit, every file's size and content hash on the Hub i
 local file.
 
 The token comes from the `token` argument, `HF_TOKEN` or the stored `hf auth login` (huggingface_hub's own
-resolution). It never appears in a message this module writes or raises.
+resolution). It never appears in a message this module writes or raises, and a push refuses, before writing
+anything to the Hub, to send a file that contains it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -28,7 +30,12 @@ from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import disable_progress_bars
 
@@ -44,9 +51,19 @@ _Hashes = dict[tuple[str, HashMethod], str]  # (path in repo, method) -> hex dig
 _SKIPPED_DIRS = frozenset({".git", ".cache"})
 # Written by the Hub when it creates a repo: it routes weights to LFS, so a publish never deletes it.
 _KEPT_REMOTE_FILES = frozenset({".gitattributes"})
-_HASH_CHUNK = 8 * 1024 * 1024
+_READ_CHUNK = 8 * 1024 * 1024
 _UPLOAD_AND_COMMIT = "upload and commit"
 _XET_STATUS = re.compile(r"\((\d{3}) [A-Za-z ]+\)")
+# httpx2 raises a bare RuntimeError when a request is sent on a closed client. huggingface_hub shares one
+# client between its upload threads and closes it when any of them cannot connect, so when the Hub goes down
+# mid-upload the other threads fail with this message instead of a network error.
+_CLOSED_CLIENT = "Cannot send a request, as the client has been closed."
+# huggingface_hub's backoff logs every retried request twice, with the full URL (a presigned one for LFS).
+_CLIENT_RETRY_LOGGER = "huggingface_hub.utils._http"
+_RETRY_FAILURE = re.compile(
+    r"(?:HTTP Error (?P<status>\d{3})|'(?P<error>.*)') thrown while requesting (?P<method>[A-Z]+) ", re.DOTALL
+)
+_RETRY_WAIT = re.compile(r"(?P<seconds>[\d.]+)s\b.*\[Retry (?P<attempt>\d+)/(?P<retries>\d+)\]")
 
 
 @dataclass(frozen=True)
@@ -195,6 +212,9 @@ def push_folder(
     pinned to the head read before uploading, so it fails with a 412 `HubError` if anything else was
     committed meanwhile; rerunning then publishes on top of the new head.
 
+    Before anything is written to the Hub, every file to add or modify is read for the token the push uses:
+    whatever put it there (a card template, a recipe comment), such a file is never sent.
+
     Args:
         folder (`Path`):
             The assembled repo content. `.git/` and `.cache/` folders are skipped.
@@ -203,9 +223,9 @@ def push_folder(
         private (`bool`, *optional*, defaults to `False`):
             Visibility of the repo if this call creates it; an existing repo keeps its visibility.
         revision (`str`, *optional*):
-            Branch to write (created from `main` if missing). Defaults to `"main"`.
+            Branch to write (created from `main` if missing, unless `create_pr`). Defaults to `"main"`.
         create_pr (`bool`, *optional*, defaults to `False`):
-            Open a pull request against `revision` instead of writing it.
+            Open a pull request against `revision`, which must exist, instead of writing it.
         dry_run (`bool`, *optional*, defaults to `False`):
             Only compute the operations: no repo, branch, upload or commit is created.
         token (`str`, *optional*):
@@ -215,16 +235,18 @@ def push_folder(
         commit_message (`str`, *optional*):
             Commit (or pull request) title. Defaults to `"Publish <folder name> with coreml-publisher"`.
         progress (`bool`, *optional*, defaults to `True`):
-            Show huggingface_hub's upload progress bars.
+            Show huggingface_hub's upload progress bars, and log one warning line per retried request (the
+            client's own retry messages are never shown).
 
     Returns:
         [`PushResult`]: the operations, the commit or pull request, and the per-file verification.
 
     Raises:
         [`~publisher.errors.HubError`]:
-            One line, for: bad or missing token (401), no write access (403), unknown namespace, repo or
-            revision (404), repo moved during the publish (412), README metadata refused, server errors,
-            network down, or a verification mismatch after the commit.
+            One line, for: a file holding the token, bad or missing token (401), no write access (403),
+            unknown namespace, repo or revision (404), a pull request against a missing branch, repo moved
+            during the publish (412), README metadata refused, server errors, network down, or a verification
+            mismatch after the commit.
         [`~publisher.errors.PublisherError`]:
             If `folder` is not a folder or holds no file.
 
@@ -247,13 +269,27 @@ def push_folder(
     api = HfApi(endpoint=endpoint, token=token, library_name="coreml-publisher")
     ctx = HubCall(repo_id=repo_id, revision=target, endpoint=api.endpoint, secret=token or get_token())
 
-    with nullcontext() if progress else disable_progress_bars(), hub_errors(ctx):
+    with nullcontext() if progress else disable_progress_bars(), _retry_notes(show=progress), hub_errors(ctx):
+        # Read only, until the files are known to be safe to send: a refused push creates nothing.
+        head, remote, on_branch = _read_remote(api, ctx, revision, create_pr=create_pr)
+        ctx.step = "compare local and remote files"
+        operations, hashes = _plan(local, remote)
+        ctx.step = "check the files for the token"
+        _refuse_token(local, operations, ctx.secret)
         if not dry_run:
             ctx.step = "create the repo"
             api.create_repo(repo_id, private=private, exist_ok=True)
-        head, remote = _read_remote(api, ctx, revision, create_branch=not dry_run)
-        ctx.step = "compare local and remote files"
-        operations, hashes = _plan(local, remote)
+            if head is None:
+                # The new repo holds the Hub's initial commit: plan against it (the files were all scanned).
+                head, remote, on_branch = _read_remote(api, ctx, revision, create_pr=create_pr)
+                if head is None:
+                    raise HubError(f"repository {repo_id} not found on {ctx.endpoint} after creating it, or not"
+                                   " visible to this token")
+                operations, hashes = _plan(local, remote)
+            if not on_branch:
+                ctx.step = f"create branch {target}"
+                # From the very commit planned against, so the plan and the parent commit stay valid.
+                api.create_branch(repo_id, branch=target, revision=head, exist_ok=True)
         result = PushResult(
             repo_id=repo_id,
             revision=target,
@@ -348,6 +384,56 @@ def format_summary(result: PushResult) -> str:
     )
 
 
+def read_published_file(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    progress: bool = True,
+) -> bytes | None:
+    """Download one file of a published revision and return its content.
+
+    Args:
+        repo_id (`str`):
+            `"namespace/name"`.
+        filename (`str`):
+            Path of the file in the repo.
+        revision (`str`, *optional*):
+            Branch, tag or commit. Defaults to `"main"`.
+        token (`str`, *optional*):
+            Hub token. Defaults to `HF_TOKEN`, then the token stored by `hf auth login`.
+        endpoint (`str`, *optional*):
+            Hub URL. Defaults to `HF_ENDPOINT`, then `https://huggingface.co`.
+        progress (`bool`, *optional*, defaults to `True`):
+            As for [`push_folder`]: the download's progress bar, and one line per retried request.
+
+    Returns:
+        `bytes` or `None`: the file's content, or `None` when the repo (or this token's access to it), the
+        revision or the file does not exist: nothing was published there yet.
+
+    Raises:
+        [`~publisher.errors.HubError`]:
+            One line, for a rejected token, server errors or the network down.
+    """
+    api = HfApi(endpoint=endpoint, token=token, library_name="coreml-publisher")
+    ctx = HubCall(repo_id=repo_id, revision=revision or "main", endpoint=api.endpoint, secret=token or get_token(),
+                  step=f"read the published {filename}")
+    # A scratch folder rather than the user's Hub cache: the file is read once, right now.
+    with (
+        nullcontext() if progress else disable_progress_bars(),
+        _retry_notes(show=progress),
+        hub_errors(ctx),
+        tempfile.TemporaryDirectory(prefix="coreml-publisher-") as scratch,
+    ):
+        try:
+            path = api.hf_hub_download(repo_id, filename, revision=revision, local_dir=scratch)
+        except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
+            return None
+        return Path(path).read_bytes()
+
+
 def _scan(folder: Path) -> dict[str, _LocalFile]:
     files: dict[str, _LocalFile] = {}
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -359,30 +445,39 @@ def _scan(folder: Path) -> dict[str, _LocalFile]:
 
 
 def _read_remote(
-    api: HfApi, ctx: HubCall, revision: str | None, *, create_branch: bool
-) -> tuple[str | None, dict[str, RepoFile]]:
-    """The head of the target revision and its files, listed at that commit so both come from one state."""
+    api: HfApi, ctx: HubCall, revision: str | None, *, create_pr: bool
+) -> tuple[str | None, dict[str, RepoFile], bool]:
+    """The head of the target revision and its files, listed at that commit so both come from one state, and
+    whether the branch exists. A missing branch reads as `main`, which it will be created from; a missing repo
+    as no head and no file. Nothing is written.
+
+    Raises:
+        [`~publisher.errors.HubError`]:
+            If `create_pr` and `revision` does not exist: a pull request needs a branch to target, and
+            creating one is not what was asked.
+    """
     ctx.step = "read the current head"
+    repo_exists = on_branch = True
     try:
         head = api.model_info(ctx.repo_id, revision=ctx.revision).sha
     except RevisionNotFoundError:
         if revision is None:
             raise
-        base = api.model_info(ctx.repo_id).sha
-        if not create_branch:
-            head = base
-        else:
-            ctx.step = f"create branch {revision}"
-            api.create_branch(ctx.repo_id, branch=revision, revision=base, exist_ok=True)
-            ctx.step = "read the current head"
-            head = api.model_info(ctx.repo_id, revision=revision).sha
+        on_branch = False
     except RepositoryNotFoundError:
-        if create_branch:
-            raise
-        return None, {}  # a dry run against a repo that does not exist yet: everything is an addition
+        repo_exists = on_branch = False
+    if create_pr and revision is not None and not on_branch:
+        raise HubError(
+            f"branch '{revision}' does not exist in {ctx.repo_id}: --create-pr opens a pull request against an"
+            " existing branch; create the branch first, or leave out --create-pr to create it with the push"
+        )
+    if not repo_exists:
+        return None, {}, False
+    if not on_branch:
+        head = api.model_info(ctx.repo_id).sha  # the branch will be created from main's head
     if head is None:
         raise HubError(f"the Hub at {ctx.endpoint} returned no head commit for {ctx.repo_id}@{ctx.revision}")
-    return head, _remote_files(api, ctx.repo_id, head)
+    return head, _remote_files(api, ctx.repo_id, head), on_branch
 
 
 def _remote_files(api: HfApi, repo_id: str, commit: str) -> dict[str, RepoFile]:
@@ -445,6 +540,43 @@ def _verify(
     return sorted(checks, key=lambda c: c.path)
 
 
+def _refuse_token(local: dict[str, _LocalFile], operations: list[PlannedOperation], token: str | None) -> None:
+    """Raise if a file the commit would send, or its path, holds `token`.
+
+    Files the revision already holds byte for byte are not read: this commit does not send them.
+    """
+    if not token:
+        return
+    needle = token.encode()
+    found = [
+        op.path
+        for op in operations
+        if op.kind != "delete" and (token in op.path or _contains(local[op.path].path, needle))
+    ]
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise HubError(
+            f"refusing to publish: {shown} contain{'s' if len(found) == 1 else ''} the Hub token this push uses"
+            " (rendered from the environment by a card template, or pasted into the recipe or a file?); remove"
+            " it, revoke the token if it was ever shared, and publish again; nothing was sent to the Hub"
+        )
+
+
+def _contains(path: Path, needle: bytes) -> bool:
+    """Whether the file holds `needle`, read in chunks however large it is."""
+    carry = len(needle) - 1
+    tail = b""
+    with path.open("rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            window = tail + chunk
+            if needle in window:
+                return True
+            # The last len(needle) - 1 bytes go on to the next window: a needle cut by the chunk boundary is
+            # whole there, and one that ends in this window was already found.
+            tail = window[len(window) - carry :]
+    return False
+
+
 def _hash_method(entry: RepoFile) -> HashMethod:
     return "sha256" if entry.lfs is not None else "git-blob"
 
@@ -469,7 +601,7 @@ def _hash_file(path: Path, method: HashMethod) -> str:
     else:
         digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
     with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
+        while chunk := f.read(_READ_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -493,6 +625,51 @@ def _human_size(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+class _RetryNotes(logging.Filter):
+    """Drop the client's retry messages; with `show`, say one short line per retry on this module's logger.
+
+    Other messages of the client's logger (its debug lines) pass unchanged.
+    """
+
+    def __init__(self, show: bool) -> None:
+        super().__init__()
+        self.show = show
+        self._failures: dict[int | None, str] = {}  # thread -> what its last attempt failed with
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        failure, wait = _RETRY_FAILURE.match(message), _RETRY_WAIT.search(message)
+        if failure is not None:
+            status, error = failure.group("status"), failure.group("error")
+            reason = f"HTTP {status}" if status else _first_line(error) or "connection failed"
+            self._failures[record.thread] = f"{failure.group('method')} failed: {reason}"
+        elif wait is not None and self.show:
+            logger.warning(
+                "Hub request %s; retry %s/%s in %ss",
+                self._failures.pop(record.thread, "failed"),
+                wait.group("attempt"),
+                wait.group("retries"),
+                wait.group("seconds"),
+            )
+        return failure is None and wait is None
+
+
+@contextmanager
+def _retry_notes(*, show: bool) -> Iterator[None]:
+    """Route huggingface_hub's retry messages through this module's logger while this module calls the Hub.
+
+    huggingface_hub sets its own loggers' level when it is first imported, after the CLI set it: its two
+    warnings per retried request (the second with the full URL) would show even with `-q`.
+    """
+    client = logging.getLogger(_CLIENT_RETRY_LOGGER)
+    notes = _RetryNotes(show)
+    client.addFilter(notes)
+    try:
+        yield
+    finally:
+        client.removeFilter(notes)
 
 
 @contextmanager
@@ -521,6 +698,12 @@ def _describe(err: BaseException, ctx: HubCall) -> str | None:
         url = str(request.url) if request is not None else ""
         return _describe_status(http.response.status_code, http.server_message or "", url, ctx, http)
     network = next((e for e in chain if isinstance(e, (httpx2.TransportError, ConnectionError))), None)
+    if network is None and any(isinstance(e, RuntimeError) and str(e) == _CLOSED_CLIENT for e in chain):
+        return (
+            f"lost the connection to the Hub at {ctx.endpoint} while trying to {ctx.step} (a connection was"
+            " refused, so the client closed them all): the commit either landed whole or not at all; rerun when"
+            " the Hub is reachable: it completes the publish or reports up to date"
+        )
     if network is not None:
         reason = _first_line(str(network)) or type(network).__name__
         # hf_xet reports a refused token request as ConnectionError("... (401 Unauthorized), domain: URL").

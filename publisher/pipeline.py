@@ -19,18 +19,20 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from pydantic import ValidationError
 
 from publisher.assemble import assemble, check_destination, package_path, promote
 from publisher.cache import StageCache, hash_path, make_key
 from publisher.card import write_card
-from publisher.chunk import CHUNKS, chunk_names, chunk_package
+from publisher.chunk import chunk_package
+from publisher.components import CHUNKS, chunk_names, component_spec
 from publisher.compress import compress_package
-from publisher.convert import convert_in_subprocess, image_size
+from publisher.convert import convert_in_subprocess
 from publisher.executor import LoadedProgram
-from publisher.hub import PushResult, format_operations, format_summary, push_folder
+from publisher.hub import PushResult, format_operations, format_summary, push_folder, read_published_file
+from publisher.layout import REPORT_NAME
 from publisher.monitor import Monitor
 from publisher.parity import (
-    DENOISERS,
     IMAGE_COMPONENTS,
     ComponentParity,
     Reference,
@@ -54,6 +56,7 @@ from publisher.report import (
 )
 from publisher.source import LoadedSource, load_source, release_memory
 from publisher.validate import validate_recipe
+from publisher.wrappers import image_size
 
 PACKAGE = "model.mlpackage"
 COST = "cost.json"
@@ -113,7 +116,9 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
     """Run a recipe end to end and leave the assembled repository in ``out``; optionally push it.
 
     Finished stages are taken from ``cache`` (default: the user cache), so a rerun after an
-    interruption resumes where the last run stopped.
+    interruption resumes where the last run stopped. With ``push``, a run that publishes what the
+    target revision already holds keeps its report (see :func:`adopt_published_costs`): an unchanged
+    recipe makes no commit, whatever the cache held.
     """
     monitor = Monitor(quiet=quiet)
     recipe = validate_recipe(recipe_file)
@@ -136,6 +141,12 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
         build = build_variants(run)
         parity = check_parity(run, build)
         report = make_report(recipe, source, build, parity, monitor)
+        if push is not None:
+            published = adopt_published_costs(report, push, quiet=quiet)
+            if published is not report:
+                monitor.say(f"[cyan]↷[/cyan] report: {recipe.target.repo} already publishes these artifacts"
+                            " [dim](its measured costs kept)[/dim]")
+            report = published
         with monitor.stage("assemble", record=False):
             staging = assemble(
                 work / "repo",
@@ -171,6 +182,27 @@ def remove_abandoned_work(out: Path) -> None:
         retired.rename(out)  # killed between the two renames of promote(): the previous publish stands
 
 
+def adopt_published_costs(report: PublishReport, options: PushOptions, *, quiet: bool = False) -> PublishReport:
+    """The report the target revision already holds when it reports this very publish, else ``report``.
+
+    A cold cache re-measures every stage: published as measured, the new costs alone would make every
+    re-run of an unchanged recipe a commit. Whether two reports describe the same publish (same
+    artifacts, recipe and tool versions) is :meth:`PublishReport.same_publish`; the package and image
+    bytes are compared by the push itself.
+
+    Raises:
+        :class:`HubError`: the Hub could not be read (rejected token, server error, network down).
+    """
+    content = read_published_file(report.target_repo, REPORT_NAME, revision=options.revision, progress=not quiet)
+    if content is None:
+        return report
+    try:
+        published = PublishReport.model_validate_json(content)
+    except ValidationError:
+        return report  # not a report this version can read: this run's replaces it
+    return published if published.same_publish(report) else report
+
+
 def push_folder_and_report(folder: Path, repo_id: str, *, private: bool, options: PushOptions,
                            quiet: bool = False) -> PushResult:
     """Upload an assembled folder in one commit and print what happened (the operations on a dry run)."""
@@ -195,14 +227,15 @@ def cached(run: Run, stage: str, key_parts: dict, label: str, produce: Callable[
     key = make_key(stage, key_parts)
     if key in run.entries:
         return run.entries[key]
-    entry = run.cache.lookup(stage, key)
+    entry = run.cache.lookup(stage, key, on_broken=lambda problem: run.monitor.say(
+        f"[yellow]![/yellow] {stage} {label}: the cached entry is broken ({problem}); recomputing"))
     if entry is not None:
         run.monitor.say(f"[cyan]↷[/cyan] {stage} {label} [dim](cached)[/dim]")
         # The report keeps the cost measured when the entry was made, so a resumed or repeated run
         # reports (and publishes) the same numbers.
         run.monitor.costs.append(StageCost.model_validate_json((entry / COST).read_text()))
     else:
-        with run.cache.store(stage, key, label) as folder:
+        with run.cache.store(stage, key, label, recipe=run.recipe.name) as folder:
             with run.monitor.stage(stage, label):
                 produce(folder)
                 # What a stage freed stays in this long-lived process's heap otherwise, under the
@@ -254,7 +287,7 @@ def build_components(run: Run) -> dict[tuple[str, str], BuiltComponent]:
     """
     recipe = run.recipe
     jobs = [(variant, component) for variant in recipe.variants for component in recipe.conversion.components]
-    denoisers = [(variant, component) for variant, component in jobs if component in DENOISERS]
+    denoisers = [(variant, component) for variant, component in jobs if component_spec(component).is_denoiser]
     others = [job for job in jobs if job not in denoisers]
     converted = {job: convert(run, *job) for job in denoisers}
     alone = any(needs_analysis(recipe.compression.for_component(component)) for _, component in denoisers)
@@ -282,7 +315,7 @@ def chunk_unet(run: Run, variant: Variant, package: Path) -> tuple[Path, ...]:
 def convert(run: Run, variant: Variant, component: str) -> BuiltComponent:
     recipe = run.recipe
     # Only the denoisers' attention differs between variants: the others are shared through the cache.
-    attention = variant.attention if component in DENOISERS else "original"
+    attention = variant.attention if component_spec(component).is_denoiser else "original"
 
     def produce(folder: Path) -> None:
         # In a process of its own, which loads this component's model alone and returns all of its
@@ -294,6 +327,8 @@ def convert(run: Run, variant: Variant, component: str) -> BuiltComponent:
     entry = cached(run, "convert", {
         "component": component, "attention": attention, "source": run.source_identity,
         "conversion": recipe.conversion.model_dump(mode="json", exclude={"components"}),
+        # The package's author and version metadata name it: for a local source, the recipe's name.
+        "model_version": recipe.model_version,
     }, f"{variant.folder_name}/{component}", produce)
     meta = json.loads((entry / "meta.json").read_text())
     return BuiltComponent(component, entry / PACKAGE, entry / PACKAGE, meta["parameters"], meta["seconds"], 0.0)
@@ -322,8 +357,8 @@ def compress(run: Run, variant: Variant, component: str, converted: BuiltCompone
         (folder / "meta.json").write_text(json.dumps({"seconds": result.seconds,
                                                        "compressed_weights": result.compressed_weights}))
 
-    calibration_inputs = {"source": run.source_identity, "prompts": list(recipe.card.prompts),
-                          "seed": recipe.parity.seed} if analysed else {}
+    # The analysis runs on the component's reference cases: keyed as they are (see reference()).
+    calibration_inputs = {"component": component, **reference_settings(run)} if analysed else {}
     entry = cached(run, "compress", {
         "package": hash_path(converted.converted), "scheme": scheme.model_dump(mode="json"), **calibration_inputs,
     }, f"{variant.folder_name}/{component} ({scheme.describe()})", produce)
@@ -339,8 +374,9 @@ def check_parity(run: Run, build: Build) -> Parity:
     """
     recipe = run.recipe
     parity = Parity()
-    settings = {"source": run.source_identity, "prompts": list(recipe.card.prompts),
-                "seed": recipe.parity.seed, "steps": recipe.parity.image_steps}
+    # Measured against the torch reference: keyed on what keys the reference, whose cases depend on
+    # the whole recipe's components and steps (see cases_from_images).
+    settings = reference_settings(run)
     for variant, packages in build.by_variant.items():
         gated = {}
         # The images' components keep their executor programs for the images (loading SD 1.5's
@@ -414,7 +450,8 @@ def variant_images(run: Run, variant: str, packages: dict[str, tuple[Path, ...]]
         results = image_parity(run.recipe, run.source, variant, packages, folder, references, programs)
         (folder / "images.json").write_text(json.dumps([result.model_dump() for result in results]))
 
-    entry = cached(run, "images", {"packages": hashes, **settings}, variant, render)
+    # The images are saved under the variant's folder, which their report names too.
+    entry = cached(run, "images", {"packages": hashes, "variant": variant, **settings}, variant, render)
     results = [ImageParity.model_validate(item) for item in json.loads((entry / "images.json").read_text())]
     for result in results:
         for relative in (result.reference_image, result.variant_image):

@@ -17,6 +17,13 @@ from pydantic import BaseModel, Field
 REPORT_NAME = "publish_report.json"
 SCHEMA_VERSION = 1
 TOOLS = ("coreml-publisher", "coremltools", "torch", "diffusers", "transformers", "huggingface_hub", "numpy")
+# Measured while a run runs rather than determined by what it publishes: a cold cache re-measures every stage,
+# so two runs of the same recipe, sources and tools differ in these and in nothing else.
+MEASURED_COSTS: dict = {
+    "stages": True,
+    "machine": True,
+    "variants": {"__all__": {"components": {"__all__": {"convert_seconds", "compress_seconds"}}}},
+}
 
 
 class ComponentReport(BaseModel):
@@ -107,6 +114,13 @@ class PublishReport(BaseModel):
     image_parity: list[ImageParity] = Field(default_factory=list)
     stages: list[StageCost] = Field(default_factory=list)
     machine: Machine = Field(default_factory=Machine.current)
+
+    def same_publish(self, other: PublishReport) -> bool:
+        """Whether `other` reports the same artifacts from the same recipe and tools: everything is equal but
+        the measured costs (stage times and peak memory, convert and compress seconds, the machine)."""
+        return self.model_dump(mode="json", exclude=MEASURED_COSTS) == other.model_dump(
+            mode="json", exclude=MEASURED_COSTS
+        )
 
     def write(self, folder: Path) -> Path:
         path = folder / REPORT_NAME

@@ -235,6 +235,39 @@ def test_revision_targets_a_branch_created_from_main(
     assert push(hub_server, folder, revision="coreml-v2").up_to_date
 
 
+def test_create_pr_with_a_revision_targets_that_branch(hub_server: HubServer, tmp_path: Path) -> None:
+    folder = make_published_folder(tmp_path / "out")
+    first = push(hub_server, folder)
+    api = HfApi(endpoint=hub_server.url, token=WRITE_TOKEN)
+    api.create_branch(REPO, branch="coreml-v2")
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny, for v2\n")
+
+    result = push(hub_server, folder, revision="coreml-v2", create_pr=True)
+
+    assert result.pr_url == f"{hub_server.url}/{REPO}/discussions/1" and result.verified
+    assert api.get_discussion_details(REPO, 1).target_branch == "refs/heads/coreml-v2"
+    assert hub_server.head(REPO) == hub_server.head(REPO, "coreml-v2") == first.commit_oid
+    assert remote_content(hub_server, "refs/pr/1") == folder_state(folder)
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["push", "dry-run"])
+def test_create_pr_against_a_missing_branch_fails_and_creates_nothing(
+    hub_server: HubServer, tmp_path: Path, dry_run: bool
+) -> None:
+    folder = make_published_folder(tmp_path / "out")
+    push(hub_server, folder)
+    (folder / "README.md").write_text("changed\n")
+    hub_server.reset_log()
+
+    with pytest.raises(HubError) as info:
+        push(hub_server, folder, revision="no-such-branch", create_pr=True, dry_run=dry_run)
+
+    assert_clean_error(info.value, "branch 'no-such-branch' does not exist", REPO, "--create-pr")
+    assert hub_server.storage.repos[REPO].branches.keys() == {"main"}
+    assert hub_server.storage.repos[REPO].discussions == {}
+    assert writes(hub_server) == []
+
+
 def test_private_repo_is_invisible_without_a_token(
     hub_server: HubServer, transfer: str, tmp_path: Path
 ) -> None:

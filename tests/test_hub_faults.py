@@ -4,13 +4,19 @@ a mix, the local folder is untouched, and rerunning the publish completes it.
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx2
 import pytest
 
+from publisher.cli import main
 from publisher.errors import HubError
-from publisher.hub import PushResult, push_folder
+from publisher.hub import HubCall, PushResult, hub_errors, push_folder
 from tests.hub.helpers import USER, WRITE_TOKEN, folder_state, make_published_folder, set_transfer
 from tests.hub.server import FaultAction, HubServer
 
@@ -115,3 +121,89 @@ def test_fault_leaves_old_or_new_state_and_a_rerun_completes(
     assert rerun.verified
     assert published(hub_server) == new_state
     assert rerun.up_to_date == (case.state == "new")
+
+
+def test_the_hub_dying_mid_upload_is_one_line_and_exit_4(
+    hub_cli: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """huggingface_hub closes its shared HTTP client when a connection is refused; the LFS uploads still running
+    in its other threads then fail with a bare RuntimeError ("the client has been closed"), not a network error.
+    """
+    set_transfer(monkeypatch, "lfs")
+    folder = make_published_folder(tmp_path / "out")
+    push(hub_cli, folder)
+    old_head = hub_cli.head(REPO)
+    changed = make_published_folder(tmp_path / "v2", seed=2)
+    # All four LFS uploads are in flight when the server dies, so several threads race on the closed client.
+    hub_cli.hold("lfs_put", parties=4)
+    hub_cli.inject("lfs_put", "die")
+
+    code = main(["push", str(changed), "--repo", REPO, "-q"])
+
+    out, err = capsys.readouterr()
+    assert code == 4, err
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1
+    assert "nothing was committed" in err or "landed whole or not at all" in err
+    assert WRITE_TOKEN not in err
+    assert not hub_cli.pending_faults()
+    assert hub_cli.head(REPO) == old_head
+
+
+def test_a_request_on_the_closed_shared_client_is_a_lost_connection(hf_isolation: Path) -> None:
+    """The race above, made deterministic: whether a thread sends on the client another thread just closed
+    depends on the scheduler, so the dying-Hub test does not always reach this path."""
+    closed = httpx2.Client()
+    closed.close()
+    ctx = HubCall(REPO, "main", "http://127.0.0.1:9", WRITE_TOKEN, step="upload and commit")
+
+    with pytest.raises(HubError) as info, hub_errors(ctx):
+        try:
+            closed.put("http://127.0.0.1:9/upload", content=b"weights")
+        except Exception as exc:  # how huggingface_hub's LFS upload threads wrap every failure
+            raise RuntimeError("Error while uploading 'weight.bin' to the Hub.") from exc
+
+    message = str(info.value)
+    assert message.startswith("lost the connection to the Hub at http://127.0.0.1:9 while trying to upload")
+    assert "rerun" in message and "\n" not in message and WRITE_TOKEN not in message
+    assert info.value.exit_code == 4
+
+
+def test_each_retry_is_one_short_line_of_the_publisher_log(
+    hub_server: HubServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As in the CLI, where huggingface_hub sets its own level when it is first imported.
+    caplog.set_level(logging.WARNING, logger="huggingface_hub")
+    caplog.set_level(logging.INFO, logger="publisher")
+    folder = make_published_folder(tmp_path / "out")
+    hub_server.inject("preupload", 503, times=2)
+
+    push_folder(folder, REPO, token=WRITE_TOKEN, endpoint=hub_server.url, progress=True)
+
+    assert not hub_server.pending_faults()
+    assert [r for r in caplog.records if r.name.startswith("huggingface_hub")] == []
+    retries = [r.getMessage() for r in caplog.records if r.name == "publisher.hub" and "retry" in r.getMessage()]
+    assert len(retries) == 2, retries
+    assert all(len(line) < 100 and "http" not in line and "503" in line for line in retries), retries
+
+    caplog.clear()
+    (folder / "README.md").write_text("changed\n")
+    hub_server.inject("preupload", 503)
+    push_folder(folder, REPO, token=WRITE_TOKEN, endpoint=hub_server.url, progress=False)
+
+    assert not hub_server.pending_faults()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_quiet_cli_prints_no_retry_chatter(hub_server: HubServer, tmp_path: Path) -> None:
+    """In a real `publisher push -q`, huggingface_hub is imported after the CLI set its log level, and resets it."""
+    folder = make_published_folder(tmp_path / "out")
+    hub_server.inject("preupload", 503)
+    env = {**os.environ, "HF_TOKEN": WRITE_TOKEN, "HF_ENDPOINT": hub_server.url}
+
+    run = subprocess.run([sys.executable, "-m", "publisher", "push", str(folder), "--repo", REPO, "-q"],
+                         capture_output=True, text=True, env=env, timeout=300)
+
+    assert run.returncode == 0, run.stderr
+    assert not hub_server.pending_faults()
+    assert run.stderr == ""
+    assert run.stdout.startswith("published ")

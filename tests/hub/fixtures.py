@@ -3,6 +3,7 @@
 `hub_server` starts a fresh server per test and, at teardown, fails the test if the server hit a bug or left
 a thread running. `transfer` runs a test once with hf_xet (the production default) and once with
 `HF_HUB_DISABLE_XET=1` (plain LFS). `hf_isolation` keeps the user's real token, login and caches out of reach.
+`hub_cli` points `publisher.cli.main`, run in the test's process, at the server with the write token.
 """
 
 from __future__ import annotations
@@ -81,3 +82,15 @@ def hub_server(tmp_path: Path, hf_isolation: Path) -> Iterator[HubServer]:
     ]
     assert not leftovers, f"server threads still running: {leftovers}"
     assert not server.errors, "the test server hit a bug:\n" + "\n".join(server.errors)
+
+
+@pytest.fixture
+def hub_cli(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    """`hub_server`, reached by the CLI's own token and endpoint resolution (`HF_TOKEN`, `HF_ENDPOINT`)."""
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    # huggingface_hub reads HF_ENDPOINT once, at import, into the two constants it reads per call.
+    monkeypatch.setattr(constants, "ENDPOINT", hub_server.url)
+    resolve = f"{hub_server.url}/{{repo_id}}/resolve/{{revision}}/{{filename}}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", resolve)
+    return hub_server

@@ -54,7 +54,7 @@ _XET_FLAG_METADATA_EXT = 1 << 30
 _MDB_RECORD = 48
 
 Role = Literal["read", "write"]
-FaultAction = int | Literal["reset", "drop_response", "corrupt"]
+FaultAction = int | Literal["reset", "drop_response", "corrupt", "die"]
 STEPS = tuple(
     "whoami create delete validate_yaml model_info tree paths_info commits refs branch discussions preupload"
     " lfs_batch lfs_put lfs_complete lfs_verify xet_token commit resolve".split()
@@ -77,7 +77,9 @@ class Fault:
     `action` is an HTTP status to answer instead of doing the work (412 and 401 carry the Hub's own
     messages), `"reset"` (read half of the request body, then reset the TCP connection), `"drop_response"`
     (do the work, then reset the connection instead of answering: the client cannot know it succeeded) or
-    `"corrupt"` (commit only: record a wrong size and sha256 for the first LFS file, as a storage bug would).
+    `"corrupt"` (commit only: record a wrong size and sha256 for the first LFS file, as a storage bug would) or
+    `"die"` (read half of the request body, then stop the whole server as a crashed Hub process would: every
+    open connection is reset and new ones are refused until the test ends).
     """
 
     step: str
@@ -499,6 +501,17 @@ class HubServer:
 
     # Internals used by the handler ------------------------------------------------------------------------
 
+    def _die(self) -> None:
+        """Stop accepting (connections are refused, not left pending) and reset every other open connection."""
+        assert self._httpd is not None
+        self._httpd.shutdown()  # called from a handler thread: serve_forever runs in its own thread
+        self._httpd.socket.close()
+        with self._control:
+            for conn in list(self._connections):
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.shutdown(socket.SHUT_RDWR)
+
     def _take_fault(self, step: str) -> Fault | None:
         with self._control:
             for fault in self._faults:
@@ -629,9 +642,11 @@ class _Handler(BaseHTTPRequestHandler):
             if barrier is not None:
                 with contextlib.suppress(threading.BrokenBarrierError):
                     barrier.wait()
-            if fault is not None and fault.action == "reset":
+            if fault is not None and fault.action in ("reset", "die"):
                 for _ in self._iter_body(max(1, self._content_length() // 2)):
                     pass
+                if fault.action == "die":
+                    self.hub._die()
                 raise _ConnectionReset
             if fault is not None and isinstance(fault.action, int):
                 raise self._fault_error(fault.action)
