@@ -1,107 +1,340 @@
-"""``publisher plan``: what a recipe will build and roughly how big, without loading any weights."""
+"""``publisher plan``: what a recipe will build and how big, without loading any weights.
+
+Each component's torch wrapper (what conversion traces, so what the report counts) is built on the
+meta device from its model's config: the local source's, or for a Hub repository the architecture
+config this checkout ships (:mod:`publisher.architectures`). Parameter counts are exact; sizes follow
+how coremltools stores each tensor in the package's weight file (see :func:`tensor_bytes`).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
+import diffusers
+import torch
+import transformers
+from accelerate import init_empty_weights
+
+from publisher.architectures import CONFIGS, architecture
 from publisher.assemble import package_path
-from publisher.recipe import Recipe, Scheme, load_recipe
-from publisher.source import inspect_source
+from publisher.components import TABLE, component_spec
+from publisher.errors import RecipeError
+from publisher.recipe import Palettize, Recipe, Scheme, load_recipe
+from publisher.source import LoadedSource, detect_family, inspect_source
+from publisher.wrappers import reference_module
 
-_MODEL_FOLDER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
-                 "control_unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
-
-
-def bits_per_weight(scheme: Scheme) -> float:
-    """The storage cost of one weight under ``scheme``, ignoring tables and small tensors."""
-    bits = 16.0
-    if scheme.palettize and scheme.palettize.mixed:
-        mixed = scheme.palettize.mixed
-        # A PSNR target's width is known only after the analysis: the widest candidate bounds it.
-        bits = mixed.target_bits or (_recipe_bits(mixed.recipe) if mixed.recipe else max(mixed.candidates))
-    elif scheme.palettize:
-        bits = scheme.palettize.nbits
-    elif scheme.quantize:
-        bits = scheme.quantize.nbits
-    if scheme.prune:
-        density = 1 - (scheme.prune.sparsity or (scheme.prune.n_m[0] / scheme.prune.n_m[1]))
-        bits = bits * density + 1  # a 1-bit mask marks the kept weights
-    return bits
+# MIL blob storage (coremltools' weight.bin): a 64-byte file header, then per tensor a 64-byte header and
+# its data padded to 64 bytes. Constants under 10 elements live in the model spec instead.
+BLOB_ALIGNMENT = 64
+INLINE_ELEMENTS = 10
 
 
-def _recipe_bits(path: Path) -> float:
-    try:
-        return float(json.loads(path.read_text())["average_bits"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 16.0
+@dataclass(frozen=True)
+class PlannedPackage:
+    """One package a recipe builds.
+
+    Attributes:
+        variant (`str`): The variant folder.
+        component (`str`): The component converted (a chunked UNet is one row for both chunks).
+        package (`str`): The package's path in the published repository.
+        scheme (`str`): The compression scheme, as the report states it.
+        parameters (`int`, *optional*): Parameters of the converted module; ``None`` when unknown.
+        size_bytes (`int`, *optional*): Expected size of the package's weights; ``None`` when unknown.
+    """
+
+    variant: str
+    component: str
+    package: str
+    scheme: str
+    parameters: int | None
+    size_bytes: int | None
 
 
-def count_parameters(model_folder: Path | None, component: str) -> int | None:
-    """Instantiate the component on the meta device from its config: exact counts, no memory."""
-    if model_folder is None or not (model_folder / "config.json").is_file():
-        return None
-    config_file = model_folder / "config.json"
-    import diffusers
-    import transformers
-    from accelerate import init_empty_weights
+@dataclass(frozen=True)
+class Plan:
+    """The packages of a recipe, the source's family (``None`` until loaded) and, when sizes are unknown, why."""
 
-    config = json.loads(config_file.read_text())
+    packages: tuple[PlannedPackage, ...]
+    family: str | None
+    unknown: str | None = None
+
+
+def empty_model(folder: Path) -> torch.nn.Module:
+    """A diffusers or transformers model built from ``folder/config.json`` on the meta device.
+
+    Args:
+        folder (`Path`): A model folder (a pipeline's ``unet``, a ControlNet repository...).
+
+    Returns:
+        `torch.nn.Module`: the model with meta tensors: exact shapes, no memory.
+    """
+    config = json.loads((folder / "config.json").read_text())
     with init_empty_weights():
         if "_class_name" in config:
-            cls = getattr(diffusers, config["_class_name"])
-            model = cls.from_config(config)
-        else:
-            model = getattr(transformers, config["architectures"][0])(
-                transformers.AutoConfig.from_pretrained(model_folder)
-            )
-    if component == "vae_decoder":
-        parts = [model.decoder, model.post_quant_conv]
-    elif component == "vae_encoder":
-        parts = [model.encoder, model.quant_conv]
-    else:
-        parts = [model]
-    return sum(parameter.numel() for part in parts if part is not None for parameter in part.parameters())
+            return getattr(diffusers, config["_class_name"]).from_config(config)
+        return getattr(transformers, config["architectures"][0])(transformers.AutoConfig.from_pretrained(folder))
 
 
-def model_folder(recipe: Recipe, component: str) -> Path | None:
-    """The local folder holding the component's config, when the recipe's sources are local."""
-    if component == "controlnet":
-        return recipe.source.controlnet.path
-    if component.startswith("vae_") and recipe.source.vae is not None:
-        return recipe.source.vae.path
-    return recipe.source.path / _MODEL_FOLDER[component] if recipe.source.path else None
+def converted_module(component: str, model: torch.nn.Module, family: str = "sd1") -> torch.nn.Module:
+    """The module conversion traces for ``component`` when its source model is ``model``.
+
+    Args:
+        component (`str`): A component of :data:`publisher.components.TABLE`.
+        model (`torch.nn.Module`): The source model it comes from (see ``component_spec(component).model``).
+        family (`str`): The source's family; it picks a text encoder's output layer, never its weights.
+
+    Returns:
+        `torch.nn.Module`: its wrapper from :mod:`publisher.wrappers` (e.g. the VAE decoder's
+        ``post_quant_conv`` and ``decoder`` only).
+    """
+    # The wrapper reads its model from the pipeline's attribute, or for a ControlNet from the source's own.
+    source = LoadedSource(pipe=SimpleNamespace(**{component_spec(component).model: model}), family=family,
+                          license=None, revision=None, controlnet=model)
+    return reference_module(source, component)
 
 
-def describe_plan(recipe_file: str | Path) -> str:
-    recipe: Recipe = load_recipe(recipe_file)
-    info = inspect_source(recipe)
+def count_parameters(folder: Path | None, name: str) -> int | None:
+    """Exact parameter count from a model folder's config, on the meta device.
+
+    Args:
+        folder (`Path`, *optional*): The model folder holding ``config.json``.
+        name (`str`): A component (counts what is converted for it) or a model folder name such as
+            ``vae`` (counts the whole model).
+
+    Returns:
+        `int` or `None`: the count; ``None`` without a config.
+    """
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    model = empty_model(folder)
+    module = converted_module(name, model) if name in TABLE else model
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def model_folder(recipe: Recipe, component: str) -> Path:
+    """The folder holding the config of the model ``component`` is made from.
+
+    Args:
+        recipe (`Recipe`): The validated recipe.
+        component (`str`): A component it converts.
+
+    Returns:
+        `Path`: the local source's folder, or the shipped architecture of its Hub repository.
+
+    Raises:
+        `LookupError`: a Hub repository without a shipped architecture, or no ``configs/`` installed.
+    """
     source = recipe.source
-    lines = [
-        f"recipe   {recipe.name} ({recipe.file.name}, sha256 {recipe.sha256[:12]})",
-        f"source   {source.repo or source.path}" + (f" @ {source.revision}" if source.revision else ""),
-        f"family   {info.family or 'detected when loaded'}",
-        f"target   {recipe.target.repo}" + (" (private)" if recipe.target.private else ""),
-        f"convert  {recipe.conversion.precision}, {recipe.conversion.minimum_deployment_target.value}, "
-        f"UNet batch {recipe.conversion.unet_batch}" + (", UNet in two chunks" if recipe.conversion.chunk_unet else ""),
-        "",
-        f"{'package':<80} {'scheme':<40} {'params':>12} {'size':>10}",
-    ]
-    total = 0.0
+    model = component_spec(component).model
+    separate = source.controlnet if model == "controlnet" else source.vae if model == "vae" else None
+    if separate is not None:
+        return separate.path or architecture(separate.repo)
+    return (source.path or architecture(source.repo)) / model
+
+
+def _palette_bits(palettize: Palettize) -> float:
+    mixed = palettize.mixed
+    if mixed is None:
+        return palettize.nbits
+    if mixed.recipe is not None:
+        try:
+            return float(json.loads(mixed.recipe.read_text())["average_bits"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise RecipeError(f"{mixed.recipe}: not a mixed-bit recipe with a numeric 'average_bits'") from None
+    # A PSNR target's widths are known only after the analysis: the widest candidate bounds them.
+    return mixed.target_bits or max(mixed.candidates)
+
+
+def _blob(data_bytes: float) -> int:
+    return BLOB_ALIGNMENT + math.ceil(data_bytes / BLOB_ALIGNMENT) * BLOB_ALIGNMENT
+
+
+def tensor_bytes(shape: torch.Size, scheme: Scheme | None, float_bits: int) -> int:
+    """Bytes one constant takes in a package's weight file.
+
+    Args:
+        shape (`torch.Size`): Its shape; the first dimension is the output channels, which per-channel
+            tables and scales follow.
+        scheme (`Scheme`, *optional*): How it is compressed; ``None`` keeps it float.
+        float_bits (`int`): 16 or 32, the component's precision (LUT entries and scales have it too).
+
+    Returns:
+        `int`: every blob of it (data, LUT, scales, sparsity mask), headers and padding included.
+    """
+    elements = shape.numel()
+    if elements < INLINE_ELEMENTS:
+        return 0
+    if scheme is None:
+        return _blob(elements * float_bits / 8)
+    blobs = []
+    kept = elements
+    if scheme.prune:
+        prune = scheme.prune
+        kept = math.ceil(elements * (1 - (prune.sparsity or prune.n_m[0] / prune.n_m[1])))
+        blobs.append(elements / 8)  # a 1-bit mask of the kept weights
+    if scheme.palettize:
+        bits = _palette_bits(scheme.palettize)
+        tables = math.ceil(shape[0] / scheme.palettize.group_size) \
+            if scheme.palettize.granularity == "per_grouped_channel" else 1
+        blobs += [kept * bits / 8, tables * 2 ** math.ceil(bits) * float_bits / 8]
+    elif scheme.quantize:
+        quantize = scheme.quantize
+        scales = elements // quantize.block_size if quantize.granularity == "per_block" else shape[0]
+        blobs += [kept * quantize.nbits / 8, scales * float_bits / 8]
+    else:
+        blobs.append(kept * float_bits / 8)
+    return sum(_blob(data) for data in blobs)
+
+
+def _constants(module: torch.nn.Module) -> list[tuple[torch.Size, bool]]:
+    """The shape of each constant a package stores for ``module``, and whether ``gather`` reads it.
+
+    Beside the parameters, the trace records a text encoder's causal attention mask (transformers
+    builds it per call, so it is no parameter) for the fixed sequence of its positions. Token
+    embeddings are read by ``gather``, which Apple (and compression) leaves uncompressed; position
+    embeddings are looked up with constant ids, which the converter folds into a plain constant.
+    """
+    gathered = set()
+    masks = []
+    for model in module.modules():
+        if isinstance(model, transformers.PreTrainedModel):
+            gathered.add(id(model.get_input_embeddings().weight))
+            sequence = model.config.max_position_embeddings
+            masks.append((torch.Size((sequence, sequence)), False))
+    return [(parameter.shape, id(parameter) in gathered) for parameter in module.parameters()] + masks
+
+
+def package_bytes(module: torch.nn.Module, scheme: Scheme, float_bits: int) -> int:
+    """The expected size of the weights of ``module`` converted and compressed with ``scheme``.
+
+    Args:
+        module (`torch.nn.Module`): The converted module (see :func:`converted_module`).
+        scheme (`Scheme`): The component's compression; tensors of at most ``weight_threshold``
+            elements and embeddings read by ``gather`` stay float. Overrides are not modelled.
+        float_bits (`int`): 16 or 32, the component's precision.
+
+    Returns:
+        `int`: bytes of its weight file.
+    """
+    compresses = bool(scheme.palettize or scheme.quantize or scheme.prune)
+    return BLOB_ALIGNMENT + sum(
+        tensor_bytes(shape, scheme if compresses and shape.numel() > scheme.weight_threshold and not gathered else None,
+                     float_bits)
+        for shape, gathered in _constants(module)
+    )
+
+
+def plan_recipe(recipe: Recipe) -> Plan:
+    """Every package ``recipe`` builds, with its parameters and expected size.
+
+    Args:
+        recipe (`Recipe`): The validated recipe.
+
+    Returns:
+        `Plan`: one row per variant and component; sizes are ``None`` where no config is at hand (a Hub
+        repository without a shipped architecture, or a wheel install without ``configs/``), and
+        ``Plan.unknown`` says why.
+    """
+    family = inspect_source(recipe).family or (_architecture_family(recipe) if recipe.source.repo else None)
+    estimates: dict[str, tuple[int | None, int | None]] = {}
+    unknown = None
+    for component in recipe.conversion.components:
+        try:
+            folder = model_folder(recipe, component)
+        except LookupError as missing:
+            unknown = str(missing)
+            estimates[component] = (None, None)
+            continue
+        module = converted_module(component, empty_model(folder), family or "sd1")
+        float_bits = 32 if recipe.conversion.precision_for(component) == "float32" else 16
+        scheme = recipe.compression.for_component(component)
+        estimates[component] = (sum(p.numel() for p in module.parameters()), package_bytes(module, scheme, float_bits))
+    packages = []
     for variant in recipe.variants:
         for component in recipe.conversion.components:
-            scheme = recipe.compression.for_component(component)
-            params = count_parameters(model_folder(recipe, component), component)
-            size = params * bits_per_weight(scheme) / 8 / 2**20 if params else None
-            total += size or 0.0
             package = package_path(variant.folder_name, recipe, component)
             if component == "unet" and recipe.conversion.chunk_unet:
                 package = package.replace("_unet.mlpackage", "_unet_chunk1/2.mlpackage")
-            lines.append(
-                f"{package:<80} "
-                f"{scheme.describe():<40} {params if params is not None else '?':>12} "
-                + (f"{'≈' + format(size, '.1f') + ' MiB':>10}" if size is not None else f"{'?':>10}")
-            )
-    lines.append("")
-    lines.append(f"expected weights in all: ≈{total:.1f} MiB" if total else "sizes are known once the source loads")
+            packages.append(PlannedPackage(variant.folder_name, component, package,
+                                           recipe.compression.for_component(component).describe(),
+                                           *estimates[component]))
+    return Plan(tuple(packages), family, unknown)
+
+
+def _architecture_family(recipe: Recipe) -> str | None:
+    """The family of a Hub source from its shipped architecture, when the recipe does not name it."""
+    try:
+        folder = architecture(recipe.source.repo)
+    except LookupError:
+        return None
+    unet = folder / "unet" / "config.json"
+    return detect_family(json.loads((folder / "model_index.json").read_text()),
+                         json.loads(unet.read_text()) if unet.is_file() else None)
+
+
+def format_size(size: int) -> str:
+    """``size`` bytes in KiB, MiB or GiB, whichever keeps it readable.
+
+    Args:
+        size (`int`): A number of bytes.
+
+    Returns:
+        `str`: e.g. ``87.2 KiB``, ``614.6 MiB``, ``4.83 GiB``.
+    """
+    if size < 2**20:
+        return f"{size / 2**10:.1f} KiB"
+    if size < 2**30:
+        return f"{size / 2**20:.1f} MiB"
+    return f"{size / 2**30:.2f} GiB"
+
+
+def describe_plan(recipe_file: str | Path) -> str:
+    """The text ``publisher plan`` prints: the recipe's source, settings and packages.
+
+    Args:
+        recipe_file (`str` or `Path`): The recipe.
+
+    Returns:
+        `str`: a header, then one row per package (component, scheme, parameters, expected size, then
+        the package path last, so Apple's long names cannot push the columns apart) and the total.
+    """
+    recipe = load_recipe(recipe_file)
+    plan = plan_recipe(recipe)
+    source = recipe.source
+
+    def origin(model) -> str:
+        if model.repo is None:
+            return str(model.path)
+        text = f"{model.repo} @ {model.revision}"
+        try:
+            return f"{text} (sized from {architecture(model.repo).relative_to(CONFIGS.parent)})"
+        except LookupError:  # the note at the end says why
+            return text
+
+    lines = [
+        f"{'recipe':<10} {recipe.name} ({recipe.file.name}, sha256 {recipe.sha256[:12]})",
+        f"{'source':<10} {origin(source)}",
+        *([f"{'vae':<10} {origin(source.vae)}"] if source.vae else []),
+        *([f"{'controlnet':<10} {origin(source.controlnet)}"] if source.controlnet else []),
+        f"{'family':<10} {plan.family or 'detected when loaded'}",
+        f"{'target':<10} {recipe.target.repo}" + (" (private)" if recipe.target.private else ""),
+        f"{'convert':<10} {recipe.conversion.precision}, {recipe.conversion.minimum_deployment_target.value}, "
+        f"UNet batch {recipe.conversion.unet_batch}" + (", UNet in two chunks" if recipe.conversion.chunk_unet else ""),
+        "",
+    ]
+    total = sum(p.size_bytes or 0 for p in plan.packages)
+    cells = [(p.component, p.scheme, str(p.parameters or "?"),
+              format_size(p.size_bytes) if p.size_bytes else "?", p.package) for p in plan.packages]
+    header = ("component", "scheme", "parameters", "size", "package")
+    footer = ("total", f"{len(plan.packages)} packages", "", format_size(total) if not plan.unknown else "?", "")
+    widths = [max(len(row[column]) for row in (header, *cells, footer)) for column in range(4)]
+    for row in (header, *cells, footer):
+        lines.append(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  "
+                     f"{row[3]:>{widths[3]}}  {row[4]}".rstrip())
+    if plan.unknown:
+        lines += ["", f"sizes are known once the source loads: {plan.unknown}"]
     return "\n".join(lines)
