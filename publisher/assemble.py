@@ -47,6 +47,8 @@ _PACKAGE_NAMESPACE = uuid.UUID("6f1c1e0a-3c55-4d5e-9a55-8f0d1b6c2e11")
 def make_deterministic(package: Path) -> None:
     """Remove what differs between two conversions of the same model: the conversion date in the
     spec and the random item identifiers coremltools writes into ``Manifest.json``."""
+    # Here rather than at the top: `plan` reads package names from this module, and importing
+    # coremltools takes seconds.
     from coremltools.proto import Model_pb2
 
     spec_file = package / "Data" / "com.apple.CoreML" / "model.mlmodel"

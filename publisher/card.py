@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from publisher.card_template import TEMPLATES, render
 from publisher.components import swift_resource
-from publisher.device import DeviceRun, read_device_results
+from publisher.device_results import DeviceRun, read_device_results
 from publisher.errors import PublisherError, RecipeError
 from publisher.layout import CARD_NAME, DEVICE_RESULTS_NAME, IMAGES_FOLDER, RECIPE_NAME
 from publisher.recipe import Recipe

@@ -1,20 +1,23 @@
 """Command line: ``publisher validate|plan|publish|push|card|cache|synthesize|changed-recipes|bench-device``.
 
 User mistakes end as one line on stderr and a documented exit code (2 recipe, 3 parity, 4 Hub),
-never as a traceback.
+never as a traceback. Each command imports what it runs inside its own function: torch and coremltools
+take seconds to import, and ``validate``, ``changed-recipes`` or a bad recipe need neither.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import get_args
 
 from publisher import __version__
 from publisher.cache import STAGES
-from publisher.device import ComputeUnit
+from publisher.device_results import ComputeUnit
 from publisher.errors import PublisherError, RecipeError
 
 
@@ -47,7 +50,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _push_options(args: argparse.Namespace):
-    from publisher.pipeline import PushOptions
+    from publisher.push import PushOptions
 
     return PushOptions(revision=args.revision, create_pr=args.create_pr, dry_run=args.dry_run)
 
@@ -84,7 +87,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from publisher.pipeline import push_folder_and_report
+    from publisher.push import push_folder_and_report
     from publisher.recipe import check_repo_id
 
     try:
@@ -116,7 +119,7 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _changed_recipes(args: argparse.Namespace) -> int:
-    from publisher.workflows import changed_recipes, format_matrix, recipe_matrix
+    from publisher.recipe_matrix import changed_recipes, format_matrix, recipe_matrix
 
     if args.recipe:
         recipes = args.recipe
@@ -129,8 +132,8 @@ def _changed_recipes(args: argparse.Namespace) -> int:
 
 
 def _bench_device(args: argparse.Namespace) -> int:
+    from publisher.device_bench import BenchSettings, coreml_tools, run_bench_device
     from publisher.recipe import load_recipe
-    from publisher.workflows import BenchSettings, coreml_tools, run_bench_device
 
     recipe = load_recipe(args.recipe)
     settings = BenchSettings(steps=args.steps, runs=args.runs, compute_units=tuple(args.compute_units or ()))
@@ -149,9 +152,6 @@ def _positive(text: str) -> int:
 
 def _quiet_libraries() -> None:
     """coremltools, torch and transformers narrate every conversion; keep CI logs to our lines."""
-    import logging
-    import warnings
-
     # tqdm reads this when it is imported, so it must be set before coremltools loads it.
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

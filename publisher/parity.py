@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import coremltools as ct
 import numpy as np
 import torch
 from PIL import Image
@@ -65,8 +66,6 @@ def _predictor(package: Path, backend: str, programs: dict[Path, executor.Loaded
     """The package's input names and its predict function on ``backend``; executor programs are
     loaded once into ``programs`` and shared by the executor's modes."""
     if backend == COREML_RUNTIME:
-        import coremltools as ct
-
         model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY)
         return [feature.name for feature in model.get_spec().description.input], model.predict
     if package not in programs:

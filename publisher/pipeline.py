@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from pydantic import ValidationError
 
 from publisher.assemble import assemble, check_destination, package_path, promote
 from publisher.cache import StageCache, hash_path, make_key
@@ -29,8 +28,6 @@ from publisher.components import CHUNKS, chunk_names, component_spec
 from publisher.compress import compress_package
 from publisher.convert import convert_in_subprocess
 from publisher.executor import LoadedProgram
-from publisher.hub import PushResult, format_operations, format_summary, push_folder, read_published_file
-from publisher.layout import REPORT_NAME
 from publisher.monitor import Monitor
 from publisher.parity import (
     IMAGE_COMPONENTS,
@@ -44,6 +41,7 @@ from publisher.parity import (
     reference_cases,
     reference_images,
 )
+from publisher.push import PushOptions, adopt_published_costs, push_folder_and_report
 from publisher.recipe import Recipe, Scheme, Variant
 from publisher.report import (
     ComponentReport,
@@ -88,13 +86,6 @@ class Build:
 class Parity:
     results: list[ParityResult] = field(default_factory=list)
     images: list[ImageParity] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class PushOptions:
-    revision: str | None = None
-    create_pr: bool = False
-    dry_run: bool = False
 
 
 @dataclass
@@ -180,36 +171,6 @@ def remove_abandoned_work(out: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     elif retired.exists():
         retired.rename(out)  # killed between the two renames of promote(): the previous publish stands
-
-
-def adopt_published_costs(report: PublishReport, options: PushOptions, *, quiet: bool = False) -> PublishReport:
-    """The report the target revision already holds when it reports this very publish, else ``report``.
-
-    A cold cache re-measures every stage: published as measured, the new costs alone would make every
-    re-run of an unchanged recipe a commit. Whether two reports describe the same publish (same
-    artifacts, recipe and tool versions) is :meth:`PublishReport.same_publish`; the package and image
-    bytes are compared by the push itself.
-
-    Raises:
-        :class:`HubError`: the Hub could not be read (rejected token, server error, network down).
-    """
-    content = read_published_file(report.target_repo, REPORT_NAME, revision=options.revision, progress=not quiet)
-    if content is None:
-        return report
-    try:
-        published = PublishReport.model_validate_json(content)
-    except ValidationError:
-        return report  # not a report this version can read: this run's replaces it
-    return published if published.same_publish(report) else report
-
-
-def push_folder_and_report(folder: Path, repo_id: str, *, private: bool, options: PushOptions,
-                           quiet: bool = False) -> PushResult:
-    """Upload an assembled folder in one commit and print what happened (the operations on a dry run)."""
-    result = push_folder(folder, repo_id, private=private, revision=options.revision,
-                         create_pr=options.create_pr, dry_run=options.dry_run, progress=not quiet)
-    print(format_operations(result) if options.dry_run else format_summary(result))
-    return result
 
 
 def source_identity(recipe: Recipe) -> str:

@@ -1,4 +1,9 @@
-"""Source: load the diffusers pipeline a recipe names, and learn what it is (family, license)."""
+"""Source: load the diffusers pipeline a recipe names, and learn what it is (family, license).
+
+``publisher validate`` runs through this module (``inspect_source``), so torch, diffusers, transformers
+and accelerate are imported inside the functions that load models: importing them costs seconds, and
+a recipe is checked without them.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import yaml
+from huggingface_hub import ModelCard, snapshot_download
 
 from publisher.components import component_spec
 from publisher.errors import PublisherError, RecipeError
@@ -110,8 +118,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _license_from_card(card_path: Path) -> str | None:
     if not card_path.is_file():
         return None
-    import yaml
-    from huggingface_hub import ModelCard
 
     try:
         license_id = ModelCard.load(card_path).data.to_dict().get("license")
@@ -285,8 +291,6 @@ def _empty_model(class_name: str, location: str, revision: str | None, subfolder
 def _hub_configs(source: ModelSource) -> Path:
     """The Hub pipeline's model index, configs and tokenizer files (no weights), downloaded into the Hub cache
     where diffusers then finds them."""
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(source.repo, revision=source.revision,
                                       allow_patterns=["model_index.json", "*/*.json", "*/*.txt"]))
@@ -321,8 +325,6 @@ def _torch_models(index: dict[str, Any]) -> dict[str, str]:
 
 
 def _hub_license(repo: str, revision: str | None) -> str | None:
-    from huggingface_hub import ModelCard
-
     try:
         return ModelCard.load(repo, revision=revision).data.to_dict().get("license")
     except Exception:  # a missing card must not fail a conversion; the recipe can name the license

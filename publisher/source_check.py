@@ -3,7 +3,8 @@
 Without this, diffusers and transformers find a broken source late and in their own words: a JSON
 traceback, a tokenizer's ValueError, a truncated weight file after the UNet was converted and
 compressed. The checks read configs and the headers of weight files only, so `validate` runs them
-in well under a second even for SDXL.
+in well under a second even for SDXL. For the same reason diffusers, transformers and safetensors are
+imported inside the functions that need them.
 """
 
 from __future__ import annotations

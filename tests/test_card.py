@@ -31,7 +31,7 @@ from publisher.card import (
     rerender_card,
     write_card,
 )
-from publisher.device import DeviceRun
+from publisher.device_results import DeviceRun
 from publisher.errors import PublisherError, RecipeError
 from publisher.layout import DEVICE_RESULTS_NAME
 from publisher.report import (

@@ -16,7 +16,8 @@ import pytest
 
 from publisher.cli import main
 from publisher.errors import HubError
-from publisher.hub import HubCall, PushResult, hub_errors, push_folder
+from publisher.hub import PushResult, push_folder
+from publisher.hub_errors import HubCall, hub_errors
 from tests.hub.helpers import USER, WRITE_TOKEN, folder_state, make_published_folder, set_transfer
 from tests.hub.server import FaultAction, HubServer
 
@@ -181,7 +182,7 @@ def test_each_retry_is_one_short_line_of_the_publisher_log(
 
     assert not hub_server.pending_faults()
     assert [r for r in caplog.records if r.name.startswith("huggingface_hub")] == []
-    retries = [r.getMessage() for r in caplog.records if r.name == "publisher.hub" and "retry" in r.getMessage()]
+    retries = [r.getMessage() for r in caplog.records if r.name == "publisher.hub_errors" and "retry" in r.getMessage()]
     assert len(retries) == 2, retries
     assert all(len(line) < 100 and "http" not in line and "503" in line for line in retries), retries
 

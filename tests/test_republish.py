@@ -13,7 +13,8 @@ import pytest
 
 from publisher.cache import StageCache
 from publisher.hub import push_folder
-from publisher.pipeline import PushOptions, adopt_published_costs, publish
+from publisher.pipeline import publish
+from publisher.push import PushOptions, adopt_published_costs
 from publisher.report import Machine, PublishReport, StageCost
 from tests.conftest import DEMO_RECIPE
 from tests.hub.helpers import ORG, USER, WRITE_TOKEN, folder_state

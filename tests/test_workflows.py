@@ -1,4 +1,5 @@
-"""The GitHub Actions workflows and the code they run (`publisher.workflows`), checked on Linux.
+"""The GitHub Actions workflows and the code they run (`publisher.recipe_matrix`, `publisher.device_bench`),
+checked on Linux.
 
 The workflow files are validated against GitHub's schema. Every step that runs `publisher` is executed by
 bash as GitHub would, with a recording stand-in for `publisher`, and each recorded command line goes
@@ -22,28 +23,25 @@ import pytest
 import yaml
 
 from publisher.cli import build_parser, main
-from publisher.device import DeviceResults, DeviceRun, read_device_results
+from publisher.device_bench import (
+    BenchSettings,
+    DeviceTools,
+    bench_device,
+    compile_variant,
+    fetch_published,
+    push_results,
+    run_bench_device,
+    zip_compiled,
+)
+from publisher.device_results import DeviceResults, DeviceRun, read_device_results
 from publisher.errors import HubError, ParityError, PublisherError, RecipeError
 from publisher.hub import push_folder
 from publisher.layout import DEVICE_RESULTS_NAME
 from publisher.parity import coreml_runtime_available
-from publisher.pipeline import PushOptions
+from publisher.push import PushOptions
 from publisher.recipe import load_recipe
+from publisher.recipe_matrix import ZERO_SHA, changed_recipes, format_matrix, recipe_matrix
 from publisher.report import PublishReport
-from publisher.workflows import (
-    ZERO_SHA,
-    BenchSettings,
-    DeviceTools,
-    bench_device,
-    changed_recipes,
-    compile_variant,
-    fetch_published,
-    format_matrix,
-    push_results,
-    recipe_matrix,
-    run_bench_device,
-    zip_compiled,
-)
 from tests.conftest import DEMO_RECIPE, ROOT
 from tests.hub.helpers import USER, WRITE_TOKEN, make_published_folder, sha256_of
 from tests.hub.server import HubServer, TokenInfo
@@ -70,11 +68,11 @@ def load_workflow(name: str) -> dict:
 
 
 def github_context(event: str, *, push: bool | None = None, create_pr: bool | None = None,
-                   matrix: dict | None = None) -> dict:
+                   matrix: dict | None = None, workspace: Path = ROOT) -> dict:
     """The expression contexts of one run; inputs are empty outside a dispatch, as on GitHub."""
     dispatched = event == "workflow_dispatch"
     return {
-        "github": {"event_name": event, "sha": HEAD_SHA, "event": {"before": BASE_SHA}},
+        "github": {"event_name": event, "sha": HEAD_SHA, "event": {"before": BASE_SHA}, "workspace": str(workspace)},
         "inputs": {"recipe": DEMO if dispatched else None, "push": push, "create_pr": create_pr},
         "matrix": matrix or DEMO_MATRIX,
         "secrets": {"HF_TOKEN": PUBLISHER_TOKEN},
@@ -149,6 +147,84 @@ def test_workflows_validate_against_githubs_schema(tmp_path: Path):
     assert rejected.returncode == 1 and "runs-on" in rejected.stdout + rejected.stderr
 
 
+USES = re.compile(r"^\s*(?:-\s+)?uses:\s*(?P<action>[^@\s]+)@(?P<ref>\S+)(?P<comment>.*)$")
+COMMIT, VERSION_COMMENT = re.compile(r"[0-9a-f]{40}"), re.compile(r" # v\d+\.\d+\.\d+")
+
+
+def pin_problems(files: list[Path]) -> list[str]:
+    """Each `uses:` not pinned to a full commit sha with its version in a comment, or pinned two ways."""
+    problems, pins = [], {}
+    for file in files:
+        text = file.read_text()
+        steps = [step["uses"] for job in yaml.safe_load(text)["jobs"].values() for step in job["steps"]
+                 if "uses" in step]
+        found = [match for match in map(USES.match, text.splitlines()) if match]
+        if [f"{match['action']}@{match['ref']}" for match in found] != steps:
+            problems.append(f"{file.name}: a `uses:` is written in a form this check does not read")
+        for match in found:
+            if not (COMMIT.fullmatch(match["ref"]) and VERSION_COMMENT.fullmatch(match["comment"])):
+                problems.append(f"{file.name}: {match.group().strip()}")
+            # actions/cache/restore and actions/cache/save come from one repository, so from one pin.
+            pins.setdefault("/".join(match["action"].split("/")[:2]), set()).add(match["ref"] + match["comment"])
+    problems += [f"{repo} is pinned as {sorted(refs)}" for repo, refs in pins.items() if len(refs) > 1]
+    return problems
+
+
+def test_every_action_is_pinned_to_a_commit_with_its_version():
+    # A tag can be moved to other code; a commit cannot. The comment says which release the sha is.
+    assert pin_problems(sorted(WORKFLOWS.glob("*.yml"))) == []
+
+
+def test_no_checkout_leaves_the_token_in_the_clone():
+    # No job pushes to git, and the publish jobs hold HF_TOKEN next to code that could read .git/config.
+    for name in ("ci.yml", "publish.yml"):
+        for job_id, job in load_workflow(name)["jobs"].items():
+            for step in job["steps"]:
+                if step.get("uses", "").startswith("actions/checkout@"):
+                    assert step.get("with", {}).get("persist-credentials") is False, f"{name}: {job_id}"
+
+
+def lint_workflows(workflows: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """CI's `Lint workflows` step, run by bash as GitHub would, in a checkout holding ``workflows``."""
+    ci = load_workflow("ci.yml")
+    [step] = [step for step in ci["jobs"]["lint"]["steps"] if step.get("name") == "Lint workflows"]
+    checkout = tmp_path / "checkout"
+    (checkout / ".github" / "workflows").mkdir(parents=True)
+    for name, text in workflows.items():
+        (checkout / ".github" / "workflows" / name).write_text(text)
+    return run_step(ci, ci["jobs"]["lint"], step, github_context("push"), checkout, BIN, tmp_path / "output")
+
+
+def test_workflow_linters_pass_on_the_workflows(tmp_path: Path):
+    done = lint_workflows({file.name: file.read_text() for file in WORKFLOWS.glob("*.yml")}, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+LINTED = """\
+name: linted
+on: push
+permissions: {}
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - uses: %s
+      - run: %s
+"""
+
+
+@pytest.mark.parametrize(("checkout", "script", "expected"), [
+    # actionlint: an action on a runtime GitHub removed, and (through shellcheck) an unquoted expansion.
+    ("actions/checkout@v4", "echo $1", ['runtime "node20"', "SC2086"]),
+    # zizmor: an action by tag, and a checkout that leaves the token in .git/config.
+    ("actions/checkout@v7", 'echo "$1"', ["unpinned-uses", "artipacked"]),
+])
+def test_workflow_linters_reject_what_they_must(checkout: str, script: str, expected: list[str], tmp_path: Path):
+    done = lint_workflows({"linted.yml": LINTED % (checkout, script)}, tmp_path)
+    assert done.returncode != 0
+    assert all(finding in done.stdout + done.stderr for finding in expected), done.stdout + done.stderr
+
+
 def parse(argv: list[str]):
     try:
         return build_parser().parse_args(argv)
@@ -210,6 +286,25 @@ def test_publish_jobs_share_the_matrix_and_key_concurrency_by_repo():
     triggers = load_workflow("publish.yml")[True]  # YAML 1.1 reads the key `on` as true
     assert triggers["push"] == {"branches": ["main"], "paths": ["recipes/**"]}
     assert set(triggers["workflow_dispatch"]["inputs"]) == {"recipe", "push", "create_pr"}
+
+
+def test_publish_job_keeps_its_stage_cache_across_runs():
+    """Restored before the publish and saved after it, also when the job failed or was cancelled."""
+    job = load_workflow("publish.yml")["jobs"]["publish"]
+    steps = {step.get("name"): index for index, step in enumerate(job["steps"])}
+    restore, save = job["steps"][steps["Restore the stage cache"]], job["steps"][steps["Save the stage cache"]]
+    assert steps["Restore the stage cache"] < steps["Publish"] < steps["Save the stage cache"]
+    assert restore["uses"].startswith("actions/cache/restore@") and save["uses"].startswith("actions/cache/save@")
+    assert "COREML_PUBLISHER_CACHE" in job["env"]
+    assert restore["with"]["path"] == save["with"]["path"] == "${{ env.COREML_PUBLISHER_CACHE }}"
+    # Only always() runs a step after a cancellation, and a cancelled job is the one to resume.
+    assert save["if"].startswith("always()")
+    # Cache keys are immutable: each attempt saves under its own key, and a rerun restores the newest by prefix.
+    key = restore["with"]["key"]
+    assert key.endswith("-${{ github.run_id }}-${{ github.run_attempt }}")
+    assert save["with"]["key"] == f"${{{{ steps.{restore['id']}.outputs.cache-primary-key }}}}"
+    prefixes = restore["with"]["restore-keys"].splitlines()
+    assert prefixes and all(key.startswith(prefix) for prefix in prefixes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,14 +590,16 @@ def publisher_hub(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch) -> Hub
 
 
 def test_publish_workflow_dry_run_against_the_loopback_hub(demo_output: Path, publisher_hub: HubServer,
-                                                           tmp_path: Path):
+                                                           isolated_cache: Path, tmp_path: Path):
     """The changes and publish jobs' scripts, run with the real `publisher`, then the device job's code."""
     workflow = load_workflow("publish.yml")
     jobs = workflow["jobs"]
     checkout = tmp_path / "checkout"  # recipes from this repository; outputs stay in the test's folder
     checkout.mkdir()
     (checkout / "recipes").symlink_to(ROOT / "recipes")
-    context = github_context("workflow_dispatch", push=True, create_pr=False)
+    context = github_context("workflow_dispatch", push=True, create_pr=False, workspace=checkout)
+    # The job's stage cache folder holds what the demo fixture computed, as a restored cache would.
+    Path(resolve(jobs["publish"]["env"]["COREML_PUBLISHER_CACHE"], context)).symlink_to(isolated_cache)
 
     [(_, _, find)] = [(j, job, s) for j, job, s in publisher_steps(workflow) if j == "changes"]
     done = run_step(workflow, jobs["changes"], find, context, checkout, BIN, tmp_path / "changes-output")

@@ -1,13 +1,10 @@
-"""What the GitHub Actions workflows run (``.github/workflows/publish.yml``).
+"""The device benchmark: the publish workflow's macOS job (``.github/workflows/publish.yml``).
 
-- ``publisher changed-recipes BASE HEAD`` is the publish workflow's first job: the matrix of recipes a
-  push changed, each with its name and target repo (the key of the publish job's ``concurrency``).
-- ``publisher bench-device REPO --recipe RECIPE --push`` is its macOS job. It downloads the published
-  revision and measures what only Apple's runtime can: Core ML runtime parity against the PyTorch
-  reference, and end-to-end latency and UNet iterations/s per variant and compute unit. It compiles each
-  variant to ``.mlmodelc`` and zips them the way Apple's apps download them
-  (``<repo name>_<variant>_compiled.zip``), records ``device_results.json``, re-renders the card and
-  pushes one more commit.
+``publisher bench-device REPO --recipe RECIPE --push`` downloads the published revision and measures
+what only Apple's runtime can: Core ML runtime parity against the PyTorch reference, and end-to-end
+latency and UNet iterations/s per variant and compute unit. It compiles each variant to ``.mlmodelc``
+and zips them the way Apple's apps download them (``<repo name>_<variant>_compiled.zip``), records
+``device_results.json``, re-renders the card and pushes one more commit.
 
 Only compiling, loading a compiled model and measuring parity need macOS; they arrive as
 :class:`DeviceTools`, so everything else here runs, and is tested, on Linux.
@@ -17,40 +14,37 @@ from __future__ import annotations
 
 import datetime
 import functools
-import json
 import platform
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import coremltools as ct
 import numpy as np
+from coremltools.proto import FeatureTypes_pb2, Model_pb2
+from huggingface_hub import HfApi, get_token, snapshot_download
 
 from publisher import __version__
 from publisher.cache import hash_path
 from publisher.card import format_bytes, write_card
 from publisher.chunk import chains
+from publisher.commands import run_tool
 from publisher.components import component_names, swift_resource
-from publisher.device import DeviceResults, DeviceRun, read_device_results
+from publisher.device_results import DeviceResults, DeviceRun, read_device_results
 from publisher.errors import HubError, ParityError, PublisherError, RecipeError
-from publisher.hub import HubCall, PushResult, format_operations, format_summary, hub_errors, push_folder
+from publisher.hub import PushResult, format_operations, format_summary, push_folder
+from publisher.hub_errors import HubCall, hub_errors
 from publisher.layout import DEVICE_RESULTS_NAME, TOKENIZER_FILES
-from publisher.recipe import Recipe, load_recipe
+from publisher.parity import COREML_RUNTIME, coreml_runtime_available, measure_component
+from publisher.push import PushOptions
+from publisher.recipe import Recipe
 from publisher.report import ParityResult, PublishReport
-
-if TYPE_CHECKING:
-    from publisher.pipeline import PushOptions
-
-RECIPES_DIR = "recipes"
-RECIPE_SUFFIXES = (".yaml", ".yml")
-# GitHub's `github.event.before` when the pushed branch did not exist before.
-ZERO_SHA = "0" * 40
+from publisher.source import load_source
 
 TEXT_ENCODERS = component_names("text_encoder")
 # The models one text-to-image generation runs: every text encoder the repository has, then the image check's.
@@ -62,81 +56,6 @@ _COPY_CHUNK = 1 << 20
 Inputs = dict[str, np.ndarray]
 Predict = Callable[[Inputs], Mapping[str, np.ndarray]]
 
-
-def _run(command: list[str], cwd: Path | None = None) -> str:
-    """Run a tool and return its stdout; a failure becomes one line naming the command and its error."""
-    try:
-        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise PublisherError(f"{command[0]} is not installed or not on PATH") from None
-    if done.returncode != 0:
-        reason = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
-        raise PublisherError(f"`{' '.join(command[:3])}` failed: {reason}")
-    return done.stdout
-
-
-# ---------------------------------------------------------------------------------------------
-# The publish matrix
-
-
-def _commit(root: Path, revision: str) -> str:
-    try:
-        return _run(["git", "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"], root).strip()
-    except PublisherError:
-        raise PublisherError(
-            f"{revision!r} is not a commit of the git repository at {root.resolve()}"
-            " (a shallow clone? check out with fetch-depth: 0)"
-        ) from None
-
-
-def changed_recipes(base: str, head: str, root: Path = Path()) -> list[str]:
-    """The recipes (paths relative to ``root``, sorted) that changed between the commits ``base`` and ``head``.
-
-    A recipe changed when its own file did, or any file in a local folder or file it reads (source, VAE or
-    ControlNet folder, card template), deletions included. ``root`` must have ``head`` checked out: recipes
-    are read from its working tree. A ``base`` of all zeros (the branch's first push) selects every recipe.
-    """
-    head_commit = _commit(root, head)
-    checked_out = _commit(root, "HEAD")
-    if head_commit != checked_out:
-        raise PublisherError(
-            f"{root.resolve()} has {checked_out[:10]} checked out, not {head} ({head_commit[:10]}):"
-            " recipes are read from the working tree, so check out HEAD first"
-        )
-    listed = _run(["git", "ls-files", "-z", "--", RECIPES_DIR], root).split("\0")
-    recipes = sorted(path for path in listed if path.endswith(RECIPE_SUFFIXES))
-    if base == ZERO_SHA:
-        return recipes
-    diff = ["git", "diff", "--name-only", "-z", "--no-renames", _commit(root, base), head_commit, "--", RECIPES_DIR]
-    changed = {path for path in _run(diff, root).split("\0") if path}
-    others = [root.resolve() / path for path in sorted(changed - set(recipes))]
-    return [path for path in recipes if path in changed or (others and _reads_any(root / path, others))]
-
-
-def _reads_any(recipe_file: Path, files: list[Path]) -> bool:
-    recipe = load_recipe(recipe_file)
-    source = recipe.source
-    inputs = [source.path, recipe.card.template]
-    inputs += [model.path for model in (source.vae, source.controlnet) if model is not None]
-    return any(file.is_relative_to(path) for path in inputs if path is not None for file in files)
-
-
-def recipe_matrix(recipes: list[str], root: Path = Path()) -> dict[str, list[dict[str, str]]]:
-    """GitHub's ``strategy.matrix`` publishing ``recipes``: each one's path, name and target repo."""
-    include = []
-    for path in recipes:
-        recipe = load_recipe(root / path)
-        include.append({"recipe": path, "name": recipe.name, "repo": recipe.target.repo})
-    return {"include": include}
-
-
-def format_matrix(matrix: dict[str, list[dict[str, str]]]) -> str:
-    """One compact line: what a step writes to ``$GITHUB_OUTPUT``, and what the workflow compares to no change."""
-    return json.dumps(matrix, separators=(",", ":"))
-
-
-# ---------------------------------------------------------------------------------------------
-# The device job
 
 
 @dataclass(frozen=True)
@@ -191,8 +110,6 @@ def bench_device(folder: Path, repo_id: str, recipe: Recipe, tools: DeviceTools,
     devices' kept), the Core ML runtime rows of the report's parity table, and the card rendered from
     them. Parity failures are recorded, not raised: the caller decides when to fail.
     """
-    from publisher.parity import COREML_RUNTIME
-
     report = PublishReport.read(folder)
     if report.recipe_sha256 != recipe.sha256:
         raise RecipeError(
@@ -300,8 +217,6 @@ def example_inputs(package: Path, seed: int = 0) -> Inputs:
     Token ids are zeros, a valid id in every vocabulary; the rest is noise. The values only need to be
     plausible: the time a dense network takes does not depend on them.
     """
-    from coremltools.proto import FeatureTypes_pb2, Model_pb2
-
     kinds = FeatureTypes_pb2.ArrayFeatureType
     dtypes = {kinds.FLOAT16: np.float16, kinds.FLOAT32: np.float32, kinds.DOUBLE: np.float64, kinds.INT32: np.int32}
     spec = Model_pb2.Model()
@@ -371,8 +286,6 @@ def describe(result: BenchResult) -> str:
 
 def fetch_published(repo_id: str, revision: str | None, folder: Path, *, endpoint: str | None = None) -> str:
     """Download ``repo_id`` at ``revision`` (default ``main``) into the new folder ``folder``; return the commit."""
-    from huggingface_hub import HfApi, get_token, snapshot_download
-
     if folder.exists() and any(folder.iterdir()):
         raise PublisherError(f"{folder} is not empty: bench-device downloads into a new folder, so that no stale"
                              " file is pushed back")
@@ -392,8 +305,6 @@ def push_results(folder: Path, repo_id: str, fetched: str | None, options: PushO
                  endpoint: str | None = None, quiet: bool = False) -> PushResult:
     """Commit ``folder`` to ``repo_id``, unless the repo moved since ``fetched`` (the commit measured):
     the results describe those packages, and pushing the folder would undo whatever landed since."""
-    from huggingface_hub import HfApi, get_token
-
     target = options.revision or "main"
     if fetched is not None:
         api = HfApi(endpoint=endpoint)
@@ -446,20 +357,16 @@ def run_bench_device(target: str, recipe: Recipe, tools: DeviceTools, settings: 
 
 def coreml_tools(recipe: Recipe) -> DeviceTools:
     """The real tools on a Mac: ``xcrun coremlcompiler``, coremltools' runtime, parity against ``recipe``'s source."""
-    from publisher.parity import COREML_RUNTIME, coreml_runtime_available, measure_component
-
     if platform.system() != "Darwin" or not coreml_runtime_available():
         raise PublisherError("bench-device needs macOS: Core ML's runtime and Xcode's compiler exist only there"
                              " (run it on an Apple-silicon Mac, or let the publish workflow's macOS job run it)")
-    import coremltools as ct
 
-    from publisher.source import load_source
 
     source = functools.cache(lambda: load_source(recipe, models=()))  # configs once; weights per component
 
     def compile_model(package: Path, out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
-        _run(["xcrun", "coremlcompiler", "compile", str(package), str(out)])
+        run_tool(["xcrun", "coremlcompiler", "compile", str(package), str(out)])
         return out / f"{package.stem}.mlmodelc"
 
     def load(compiled: Path, compute_unit: str) -> Predict:
@@ -468,9 +375,9 @@ def coreml_tools(recipe: Recipe) -> DeviceTools:
     def measure(component: str, chain: tuple[Path, ...]) -> float:
         return measure_component(recipe, source(), component, chain, on=(COREML_RUNTIME,)).psnr_db[COREML_RUNTIME]
 
-    chip = _run(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
-    model = _run(["sysctl", "-n", "hw.model"]).strip()
-    xcode = _run(["xcodebuild", "-version"]).split()[1]
+    chip = run_tool(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
+    model = run_tool(["sysctl", "-n", "hw.model"]).strip()
+    xcode = run_tool(["xcodebuild", "-version"]).split()[1]
     return DeviceTools(
         compile=compile_model, load=load, measure=measure, device=f"{chip} ({model})",
         os=f"macOS {platform.mac_ver()[0]}",
