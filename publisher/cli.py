@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not getattr(args, "verbose", False):
         _quiet_libraries()
+    # The publisher's own notes (a retried Hub request) are not results: -q keeps errors only.
+    logging.getLogger("publisher").setLevel(logging.ERROR if args.quiet else logging.NOTSET)
     try:
         return args.run(args)
     except PublisherError as error:

@@ -154,7 +154,8 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
     finally:
         tempfile.tempdir = previous_tempdir
         shutil.rmtree(work, ignore_errors=True)
-    monitor.say(f"[bold]Published folder ready:[/bold] {out}")
+    # A result, not progress: printed with -q too, plainly, for scripts that read it.
+    print(f"published folder ready: {out}")
     if push is not None:
         push_folder_and_report(out, recipe.target.repo, private=recipe.target.private, options=push, quiet=quiet)
     return report

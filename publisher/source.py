@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from huggingface_hub import ModelCard, snapshot_download
+from huggingface_hub import HfApi, ModelCard, constants, get_token, snapshot_download
 
 from publisher.components import component_spec
 from publisher.errors import PublisherError, RecipeError
+from publisher.hub_errors import HubCall, hub_errors, retry_notes
 from publisher.recipe import ModelSource, Recipe
 from publisher.source_check import CONTROLNET_CLASS, check_source, check_tokenizer, refuse
 
 Family = Literal["sd1", "sd2", "sdxl"]
+HUB_PROBE_TIMEOUT = 10  # seconds: an unreachable Hub fails fast, a slow one still answers
 
 
 @dataclass(frozen=True)
@@ -290,12 +292,25 @@ def _empty_model(class_name: str, location: str, revision: str | None, subfolder
 
 def _hub_configs(source: ModelSource) -> Path:
     """The Hub pipeline's model index, configs and tokenizer files (no weights), downloaded into the Hub cache
-    where diffusers then finds them."""
-    try:
-        return Path(snapshot_download(source.repo, revision=source.revision,
-                                      allow_patterns=["model_index.json", "*/*.json", "*/*.txt"]))
-    except OSError as exc:
-        raise _load_error("the source pipeline", str(source.repo), exc) from None
+    where diffusers then finds them.
+
+    Raises:
+        [`~publisher.errors.HubError`]:
+            One line when the Hub is unreachable, or does not have the repo or revision.
+    """
+    api = HfApi()
+    call = HubCall(repo_id=str(source.repo), revision=str(source.revision), endpoint=api.endpoint,
+                   secret=get_token(), step=f"read the source {source.repo}")
+    with retry_notes(show=True), hub_errors(call):
+        if not constants.HF_HUB_OFFLINE:
+            # One request the client does not retry: without a network, the downloads below would retry
+            # for 45 s and end on a misleading "no file named model_index.json".
+            api.model_info(str(source.repo), revision=source.revision, timeout=HUB_PROBE_TIMEOUT)
+        try:
+            return Path(snapshot_download(source.repo, revision=source.revision,
+                                          allow_patterns=["model_index.json", "*/*.json", "*/*.txt"]))
+        except OSError as exc:
+            raise _load_error("the source pipeline", str(source.repo), exc) from None
 
 
 def _model_index(location: str, revision: str | None) -> dict[str, Any]:

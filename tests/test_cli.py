@@ -4,6 +4,7 @@ input as one line with exit 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from publisher.cli import build_parser, main
-from tests.conftest import DEMO_RECIPE
+from tests.conftest import DEMO_RECIPE, ROOT
 
 # Commands whose work narrates through coremltools' own progress: `--verbose` shows it.
 VERBOSE_COMMANDS = {"publish", "bench-device"}
@@ -52,3 +53,33 @@ def test_a_closed_pipe_is_not_a_traceback():
     result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
     assert result.stdout.startswith("recipe")
+
+
+HUB_RECIPE = ROOT / "recipes" / "stable-diffusion-v1-5.yaml"
+
+
+def test_a_hub_source_with_the_hub_unreachable_is_one_line_and_exit_4(tmp_path: Path):
+    """No network: one line saying so, at once, instead of the client's retries and a misleading last line."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           "COREML_PUBLISHER_CACHE": str(tmp_path / "cache")}
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, "-m", "publisher", "publish", str(HUB_RECIPE), "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: cannot reach the Hub at"), result.stderr
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in result.stderr
+    assert "Retry" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_quiet_publish_prints_its_result(tmp_path: Path, capsys):
+    """-q keeps errors and final results: the folder a publish leaves is its result."""
+    recipe = tmp_path / "recipe.yaml"
+    text = DEMO_RECIPE.read_text().replace("path: tiny-sd", f"path: {DEMO_RECIPE.parent / 'tiny-sd'}")
+    text = text[:text.index("compression:")] + "parity:\n  image_steps: 0\n"
+    recipe.write_text(text.replace("components: [text_encoder, unet, vae_decoder, vae_encoder]",
+                                   "components: [text_encoder]"))
+    out = tmp_path / "out"
+    assert main(["publish", str(recipe), "--out", str(out), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"published folder ready: {out}\n"
