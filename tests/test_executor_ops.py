@@ -868,6 +868,34 @@ case(
     lambda x: x[:, :, (np.arange(4) / 1.5).astype(int)][:, :, :, (np.arange(10) / 2.5).astype(int)],
     exact=True,
 )
+# Fractional scales sample by input/output size (the output size is floor(size * scale)), not 1/scale.
+case(
+    "iOS16",
+    "upsample_nearest_neighbor-fractional-by-size",
+    "upsample_nearest_neighbor",
+    {"x": np.array([[[1.5, -2.5, 3.5]]], np.float32)},
+    lambda x: mb.upsample_nearest_neighbor(x=x, scale_factor_height=1.0, scale_factor_width=1.12),
+    lambda x: x,
+    exact=True,
+)
+case(
+    "iOS16",
+    "upsample_bilinear-half_pixel-fractional",
+    "upsample_bilinear",
+    {"x": np.array([[[0.0, 1.0]]], np.float32)},
+    lambda x: mb.upsample_bilinear(x=x, scale_factor_height=1.0, scale_factor_width=2.6, align_corners=False),
+    lambda x: np.array([[[0.0, 0.1, 0.5, 0.9, 1.0]]], np.float32),
+)
+case(
+    "iOS16",
+    "upsample_bilinear-legacy-fractional",
+    "upsample_bilinear",
+    {"x": np.array([[[0.0, 1.0]]], np.float32)},
+    lambda x: mb.upsample_bilinear(
+        x=x, scale_factor_height=1.0, scale_factor_width=2.6, align_corners=False, half_pixel_centers=False
+    ),
+    lambda x: np.array([[[0.0, 0.4, 0.8, 1.0, 1.0]]], np.float32),
+)
 case(
     "iOS16",
     "resize_nearest_neighbor",
@@ -1536,6 +1564,36 @@ def _set(x, key, u):
     return out
 
 
+# iOS17 lets linear/matmul mix an fp32 input with an fp16 or int32 constant (the result takes the
+# non-constant operand's dtype), and lets reshape's 0s match input dims counted from the right.
+W16 = randn(5, 4).astype(np.float16)
+case(
+    "iOS17",
+    "linear-fp16-weight",
+    "linear",
+    {"x": randn(2, 4)},
+    lambda x: mb.linear(x=x, weight=W16, bias=np.ones(5, np.float16)),
+    lambda x: x @ W16.astype(np.float32).T + 1,
+)
+Y_INT = ints(-5, 5, 4, 3)
+case(
+    "iOS17",
+    "matmul-int32-y",
+    "matmul",
+    {"x": randn(2, 4)},
+    lambda x: mb.matmul(x=x, y=Y_INT),
+    lambda x: x @ Y_INT.astype(np.float32),
+)
+case(
+    "iOS17",
+    "reshape-zeros-from-the-right",
+    "reshape",
+    {"x": randn(2, 50)},
+    lambda x: mb.reshape(x=x, shape=[1, 0, -1, 0]),
+    lambda x: x.reshape(1, 1, 2, 50),
+    exact=True,
+)
+
 # ============================================================================ fp16 programs
 
 H_X, H_Y = randn(2, 3, 4).astype(np.float16), randn(2, 3, 4).astype(np.float16)
@@ -1612,8 +1670,12 @@ def test_op_matches_reference(group, case_, executed):
             np.testing.assert_allclose(g, e, rtol=case_.tol, atol=case_.tol)
 
 
+# Ops that need a stateful program, which a case group cannot hold: tests/test_executor_states.py.
+TESTED_ELSEWHERE = {"read_state", "coreml_update_state"}
+
+
 def test_every_op_in_the_table_is_tested():
-    tested = {c.op for _, c in ALL_CASES}
+    tested = {c.op for _, c in ALL_CASES} | TESTED_ELSEWHERE
     assert SUPPORTED_OPS - tested == set()
 
 
@@ -1664,3 +1726,64 @@ def test_each_intermediate_is_released_after_its_last_use(executed):
     for index, step in enumerate(program.steps):
         for name in step.release:
             assert consumed_later.get(name, index) <= index, f"{name} released before its last use"
+
+
+def _convert_one(tmp_path, name, input_specs, target, build):
+    prog = mb.program(input_specs=input_specs, opset_version=target)(build)
+    package = tmp_path / f"{name}.mlpackage"
+    ct.convert(
+        prog, convert_to="mlprogram", minimum_deployment_target=target, pass_pipeline=ct.PassPipeline.EMPTY
+    ).save(str(package))
+    return load_program(package)
+
+
+SCATTER_DATA = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+SCATTER_UPDATES = np.array([[5, 6, 7], [8, 9, 10]], np.float32)
+
+
+def _scatter_program(tmp_path, op, target, validate=None):
+    extra = {} if validate is None else {"validate_indices": validate}
+    depth = (1,) if op == "scatter_nd" else ()
+
+    def build(data, indices, updates):
+        return getattr(mb, op)(data=data, indices=indices, updates=updates, **extra)
+
+    specs = [mb.TensorSpec((2, 3)), mb.TensorSpec((2, *depth), dtype=types.int32), mb.TensorSpec((2, 3))]
+    return _convert_one(tmp_path, f"{op}-{target}-{validate}", specs, target, build)
+
+
+def _scatter_feeds(op, indices):
+    shaped = np.array(indices, np.int32).reshape((2, 1) if op == "scatter_nd" else (2,))
+    return {"data": SCATTER_DATA, "indices": shaped, "updates": SCATTER_UPDATES}
+
+
+@pytest.mark.parametrize("op", ["scatter", "scatter_nd"])
+def test_scatter_indices_out_of_range(op, tmp_path):
+    # iOS15/16: indices in [-D, D), negatives counted from the end; anything else cannot be computed.
+    ios16 = _scatter_program(tmp_path, op, ct.target.iOS16)
+    out = run(ios16, _scatter_feeds(op, [-1, 0]))[next(iter(ios16.outputs)).name]
+    np.testing.assert_array_equal(out, [[9, 11, 13], [9, 11, 13]])
+    with pytest.raises(ExecutorError, match="out of range"):
+        run(ios16, _scatter_feeds(op, [2, 0]))
+    # iOS17+: only [0, D) is valid. validate_indices=True fails as Core ML does; without it the
+    # behaviour is undefined but memory safe: the out-of-range updates are dropped, never wrapped
+    # or written into another element.
+    checked = _scatter_program(tmp_path, op, ct.target.iOS17, validate=True)
+    for bad in ([-1, 0], [2, 0]):
+        with pytest.raises(ExecutorError, match="out of range"):
+            run(checked, _scatter_feeds(op, bad))
+    unchecked = _scatter_program(tmp_path, op, ct.target.iOS17, validate=False)
+    for bad in ([-1, 0], [2, 0]):
+        out = run(unchecked, _scatter_feeds(op, bad))[next(iter(unchecked.outputs)).name]
+        np.testing.assert_array_equal(out, [[9, 11, 13], [4, 5, 6]])
+
+
+def test_scatter_nd_never_aliases_an_out_of_range_coordinate_into_another_element(tmp_path):
+    def build(data, indices, updates):
+        return mb.scatter_nd(data=data, indices=indices, updates=updates, mode="update", validate_indices=False)
+
+    specs = [mb.TensorSpec((2, 3)), mb.TensorSpec((1, 2), dtype=types.int32), mb.TensorSpec((1,))]
+    program = _convert_one(tmp_path, "scatter_nd-depth2", specs, ct.target.iOS17, build)
+    # (0, 3) flattens to element (1, 0) of a (2, 3) tensor; it must not be written there.
+    feeds = {"data": SCATTER_DATA, "indices": np.array([[0, 3]], np.int32), "updates": np.array([99], np.float32)}
+    np.testing.assert_array_equal(run(program, feeds)[next(iter(program.outputs)).name], SCATTER_DATA)

@@ -3,6 +3,9 @@
     program = load_program(Path("unet.mlpackage"))
     outputs = run(program, {"sample": ..., "timestep": ..., "encoder_hidden_states": ...}, mode="fp16")
 
+    state = make_state(program)            # stateful (iOS18 StateType) programs only
+    run(program, prefill_inputs, state=state); run(program, decode_inputs, state=state)
+
 Core ML's own runtime exists only on macOS; this executor lets the parity gate check artifacts
 anywhere. Ops the op table does not implement stop loading with UnsupportedOpError.
 """
@@ -10,18 +13,20 @@ anywhere. Ops the op table does not implement stop loading with UnsupportedOpErr
 from publisher.executor.errors import ExecutorError, UnsupportedOpError
 from publisher.executor.loader import LoadedProgram, TensorSpec, load_program
 from publisher.executor.ops import OPS
-from publisher.executor.runtime import Mode, run
+from publisher.executor.runtime import ExecutorState, Mode, make_state, run
 
 SUPPORTED_OPS: frozenset[str] = frozenset(OPS)
 """MIL compute op types the executor implements (constexpr forms: see constexpr.DECOMPRESSORS)."""
 
 __all__ = [
     "ExecutorError",
+    "ExecutorState",
     "LoadedProgram",
     "Mode",
     "SUPPORTED_OPS",
     "TensorSpec",
     "UnsupportedOpError",
     "load_program",
+    "make_state",
     "run",
 ]

@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import coremltools as ct
 import numpy as np
 import torch
+from coremltools.converters.mil.frontend.milproto import load as milproto
+from coremltools.converters.mil.mil import types
 
 from publisher.executor.constexpr import DECOMPRESSORS, as_tensor
 from publisher.executor.errors import ExecutorError, UnsupportedOpError
@@ -52,6 +55,11 @@ class TensorSpec:
     def numpy_dtype(self) -> np.dtype:
         """The numpy dtype of this tensor's values."""
         return np.dtype("bool" if self.dtype == "bool" else _NUMPY_NAMES.get(self.dtype, self.dtype))
+
+    @property
+    def hold_dtype(self) -> torch.dtype:
+        """The dtype the executor holds this tensor's values in."""
+        return _HOLD_DTYPES[self.dtype]
 
     @property
     def is_static(self) -> bool:
@@ -93,6 +101,8 @@ class Step:
     out_dtypes: tuple[torch.dtype, ...]
     release: tuple[str, ...] = ()
     """Values whose last use is this step: dropped right after it."""
+    state_target: str | None = None
+    """For coreml_update_state: the state input its result is written to."""
 
 
 @dataclass
@@ -107,6 +117,8 @@ class LoadedProgram:
     outputs: list[TensorSpec]
     steps: list[Step] = field(repr=False)
     constants: dict[str, torch.Tensor] = field(repr=False)
+    states: dict[str, TensorSpec] = field(default_factory=dict)
+    """State inputs (iOS18 StateType), held across calls by an ExecutorState rather than passed in."""
     load_seconds: float = 0.0
     """Reading the spec and weights and rebuilding the pymil Program."""
     decompress_seconds: float = 0.0
@@ -119,8 +131,6 @@ class LoadedProgram:
 
 
 def _type_name(var: Any) -> str:
-    from coremltools.converters.mil.mil import types
-
     return types.builtin_to_string(var.dtype)
 
 
@@ -137,8 +147,6 @@ def _spec(name: str, var: Any) -> TensorSpec:
 
 
 def _value_info(var: Any, component: str, opset: str, op_type: str) -> ValueInfo:
-    from coremltools.converters.mil.mil import types
-
     if not types.is_tensor(var.sym_type) and not types.is_scalar(var.sym_type):
         raise UnsupportedOpError(op_type, opset, component, f"output '{var.name}' is not a tensor")
     dtype = _HOLD_DTYPES.get(_type_name(var))
@@ -148,9 +156,6 @@ def _value_info(var: Any, component: str, opset: str, op_type: str) -> ValueInfo
 
 
 def _read_program(path: Path) -> tuple[Any, Any]:
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto import load as milproto
-
     model = ct.models.MLModel(str(path), skip_model_load=True)
     spec = model.get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
@@ -182,7 +187,10 @@ def load_program(package: Path | str) -> LoadedProgram:
     opset = _OPSET_NAMES.get(opset_key, opset_key)
     loaded_at = time.perf_counter()
 
-    inputs = {name: _spec(name, var) for name, var in function.inputs.items()}
+    inputs: dict[str, TensorSpec] = {}
+    states: dict[str, TensorSpec] = {}
+    for name, var in function.inputs.items():
+        (states if types.is_state(var.sym_type) else inputs)[name] = _spec(name, var)
     output_names = [o.name for o in spec.description.output] or [v.name for v in function.outputs]
     outputs = [_spec(name, var) for name, var in zip(output_names, function.outputs, strict=True)]
 
@@ -200,7 +208,7 @@ def load_program(package: Path | str) -> LoadedProgram:
                 _decompress(op, constants, raw, component, opset)
             else:
                 steps.append(_compile(op, constants, raw, component, opset))
-    _plan_release(steps, {v.name for v in function.outputs})
+    _plan_release(steps, {v.name for v in function.outputs} | set(states))
     done = time.perf_counter()
     return LoadedProgram(
         path=path,
@@ -209,6 +217,7 @@ def load_program(package: Path | str) -> LoadedProgram:
         inputs=inputs,
         outputs=outputs,
         steps=steps,
+        states=states,
         constants=constants,
         load_seconds=loaded_at - start,
         decompress_seconds=done - loaded_at,
@@ -253,6 +262,7 @@ def _compile(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], c
                 raw_inputs[name] = raw[value.name]
             inputs[name] = bind(value)
     outputs = tuple(_value_info(v, component, opset, op.op_type) for v in op.outputs)
+    state_target = op.inputs["state"].name if op.op_type == "coreml_update_state" else None
     return Step(
         op_type=op.op_type,
         name=op.name,
@@ -262,6 +272,7 @@ def _compile(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], c
         raw=raw_inputs,
         outputs=outputs,
         out_dtypes=tuple(o.dtype for o in outputs),
+        state_target=state_target,
     )
 
 

@@ -393,14 +393,27 @@ def softmax(a: OpArgs) -> Result:
 # ----------------------------------------------------------------------------- linear algebra
 
 
+def _common(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Operands in one dtype: iOS17 linear/matmul mix fp32, fp16 and int32 (torch kernels do not)."""
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if not dtype.is_floating_point:
+        # Integer products of int32 operands are exact in fp64; the runtime casts back to int32.
+        dtype = torch.float64
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
 @register("linear")
 def linear(a: OpArgs) -> Result:
-    return F.linear(a["x"], a["weight"], a.opt("bias"))
+    x, weight, bias = _common(a["x"], a["weight"], a.opt("bias"))
+    return F.linear(x, weight, bias)
 
 
 @register("matmul", native_half=True)
 def matmul(a: OpArgs) -> Result:
-    x, y = a["x"], a["y"]
+    x, y = _common(a["x"], a["y"])
     if a.bool("transpose_x") and x.dim() > 1:
         x = x.transpose(-1, -2)
     if a.bool("transpose_y") and y.dim() > 1:
@@ -621,7 +634,7 @@ def l2_pool(a: OpArgs) -> Result:
 
 
 def _nearest(x: torch.Tensor, out_h: int, out_w: int, ratio_h: float, ratio_w: float) -> torch.Tensor:
-    # Output index i reads input index floor(i * ratio), ratio = 1 / scale factor.
+    # Output index i reads input index floor(i * ratio), ratio = input size / output size.
     rows = torch.clamp((torch.arange(out_h, dtype=torch.float64) * ratio_h).floor().long(), max=x.shape[-2] - 1)
     cols = torch.clamp((torch.arange(out_w, dtype=torch.float64) * ratio_w).floor().long(), max=x.shape[-1] - 1)
     return x.index_select(-2, rows).index_select(-1, cols)
@@ -634,7 +647,8 @@ def upsample_nearest_neighbor(a: OpArgs) -> Result:
     if sh.is_integer() and sw.is_integer():
         return x.repeat_interleave(int(sh), dim=-2).repeat_interleave(int(sw), dim=-1)
     out_h, out_w = math.floor(sh * x.shape[-2]), math.floor(sw * x.shape[-1])
-    return _nearest(x, out_h, out_w, 1 / sh, 1 / sw)
+    # Core ML samples by the size ratio, not by 1/scale (they differ once the output size is floored).
+    return _nearest(x, out_h, out_w, x.shape[-2] / out_h, x.shape[-1] / out_w)
 
 
 @register("resize_nearest_neighbor", native_half=True)
@@ -700,9 +714,10 @@ def upsample_bilinear(a: OpArgs) -> Result:
     half_pixel = a.bool("half_pixel_centers", not align)
     if align:
         return _bilinear(x, _grid("ALIGN_CORNERS", h, out_h), _grid("ALIGN_CORNERS", w, out_w))
-    # Without aligned corners the grid steps by 1/scale, optionally from the half-pixel offset.
+    # Without aligned corners the grid steps by input/output size (the scale recomputed from the
+    # floored output size, as MIL defines it), optionally from the half-pixel offset.
     mode = "UNALIGN_CORNERS" if half_pixel else "DEFAULT"
-    return _bilinear(x, _grid(mode, h, out_h, 1 / sh), _grid(mode, w, out_w, 1 / sw))
+    return _bilinear(x, _grid(mode, h, out_h, h / out_h), _grid(mode, w, out_w, w / out_w))
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -815,28 +830,56 @@ def gather_nd(a: OpArgs) -> Result:
     return out.reshape(*idx.shape[:-1], *x.shape[batch_dims + depth :])
 
 
+def _scatter_indices(a: OpArgs, indices: torch.Tensor, size: int) -> torch.Tensor:
+    """Scatter indices checked against `size`: invalid ones become `size`, a scratch slot callers drop.
+
+    iOS15/16 take [-size, size) (negatives count from the end) and have no validate_indices: other
+    values cannot be computed. iOS17+ take [0, size) only; with validate_indices Core ML fails the
+    prediction, without it the behaviour is undefined but memory safe, and the executor drops those
+    updates (never wrapping them or writing them into another element).
+    """
+    idx = indices.long()
+    validate = a.value("validate_indices")
+    if validate is None:
+        idx = torch.where(idx < 0, idx + size, idx)
+    valid = (idx >= 0) & (idx < size)
+    if bool(valid.all()):
+        return idx
+    if validate is None or bool(_scalar(validate)):
+        bad = indices[~valid].reshape(-1)[0].item()
+        raise ExecutorError(f"scatter index {bad} out of range for a dimension of size {size}")
+    return torch.where(valid, idx, size)
+
+
+def _with_scratch(data: torch.Tensor, axis: int) -> torch.Tensor:
+    """`data` with one more slice along `axis`, where dropped scatter updates land."""
+    return torch.cat([data, torch.zeros_like(data.narrow(axis, 0, 1))], dim=axis)
+
+
 def _scatter_axis0(data: torch.Tensor, idx: torch.Tensor, updates: torch.Tensor, mode: str) -> torch.Tensor:
-    """Scatter rows of `updates` into rows `idx` of `data` (axis 0)."""
-    out = data.clone()
+    """Scatter rows of `updates` into rows `idx` of `data` (axis 0); row len(data) is scratch."""
+    out = _with_scratch(data, 0)
     if mode == "update":
-        return out.index_copy_(0, idx, updates)
-    if mode == "add":
-        return out.index_add_(0, idx, updates)
-    if mode == "sub":
-        return out.index_add_(0, idx, -updates)
-    if mode in ("mul", "max", "min"):
+        out.index_copy_(0, idx, updates)
+    elif mode == "add":
+        out.index_add_(0, idx, updates)
+    elif mode == "sub":
+        out.index_add_(0, idx, -updates)
+    elif mode in ("mul", "max", "min"):
         reduce = {"mul": "prod", "max": "amax", "min": "amin"}[mode]
-        return out.index_reduce_(0, idx, updates, reduce, include_self=True)
-    if mode == "div":
-        return out.index_copy_(0, idx, out.index_select(0, idx) / updates)
-    raise ExecutorError(f"unknown scatter mode {mode!r}")
+        out.index_reduce_(0, idx, updates, reduce, include_self=True)
+    elif mode == "div":
+        out.index_copy_(0, idx, out.index_select(0, idx) / updates)
+    else:
+        raise ExecutorError(f"unknown scatter mode {mode!r}")
+    return out[: data.shape[0]]
 
 
 @register("scatter")
 def scatter(a: OpArgs) -> Result:
     data = a["data"]
     axis = _axis(a.int("axis", 0), data.dim())
-    idx = _wrap(a["indices"], data.shape[axis]).reshape(-1)
+    idx = _scatter_indices(a, a["indices"], data.shape[axis]).reshape(-1)
     updates = a["updates"].to(data.dtype).movedim(axis, 0)
     out = _scatter_axis0(data.movedim(axis, 0), idx, updates, a.str("mode", "add"))
     return out.movedim(0, axis)
@@ -846,21 +889,25 @@ def scatter(a: OpArgs) -> Result:
 def scatter_along_axis(a: OpArgs) -> Result:
     data = a["data"]
     axis = _axis(a.int("axis", 0), data.dim())
-    idx = _wrap(a["indices"], data.shape[axis])
+    size = data.shape[axis]
+    idx = _scatter_indices(a, a["indices"], size)
     updates = a["updates"].to(data.dtype)
     mode = a.str("mode", "add")
+    padded = _with_scratch(data, axis)
     if mode == "update":
-        return data.scatter(axis, idx, updates)
-    if mode == "add":
-        return data.scatter_add(axis, idx, updates)
-    if mode == "sub":
-        return data.scatter_add(axis, idx, -updates)
-    if mode in ("mul", "max", "min"):
+        out = padded.scatter(axis, idx, updates)
+    elif mode == "add":
+        out = padded.scatter_add(axis, idx, updates)
+    elif mode == "sub":
+        out = padded.scatter_add(axis, idx, -updates)
+    elif mode in ("mul", "max", "min"):
         reduce = {"mul": "prod", "max": "amax", "min": "amin"}[mode]
-        return data.scatter_reduce(axis, idx, updates, reduce, include_self=True)
-    if mode == "div":
-        return data.scatter(axis, idx, torch.gather(data, axis, idx) / updates)
-    raise ExecutorError(f"unknown scatter mode {mode!r}")
+        out = padded.scatter_reduce(axis, idx, updates, reduce, include_self=True)
+    elif mode == "div":
+        out = padded.scatter(axis, idx, torch.gather(padded, axis, idx) / updates)
+    else:
+        raise ExecutorError(f"unknown scatter mode {mode!r}")
+    return out.narrow(axis, 0, size)
 
 
 @register("scatter_nd")
@@ -868,12 +915,15 @@ def scatter_nd(a: OpArgs) -> Result:
     data, idx = a["data"], a["indices"]
     depth = idx.shape[-1]
     lead = data.shape[:depth]
+    rows = math.prod(lead)
     strides = torch.tensor([math.prod(lead[k + 1 :]) for k in range(depth)], dtype=torch.long)
-    coords = torch.stack([_wrap(idx[..., k], lead[k]) for k in range(depth)], dim=-1)
-    flat_idx = (coords * strides).sum(-1).reshape(-1)
-    rows = data.reshape(math.prod(lead), *data.shape[depth:])
+    coords = torch.stack([_scatter_indices(a, idx[..., k], lead[k]) for k in range(depth)], dim=-1)
+    valid = (coords < torch.tensor(lead, dtype=torch.long)).all(-1)
+    # A coordinate out of its own dimension must not alias another element through the flat index.
+    flat_idx = torch.where(valid, (coords * strides).sum(-1), rows).reshape(-1)
+    body = data.reshape(rows, *data.shape[depth:])
     updates = a["updates"].to(data.dtype).reshape(-1, *data.shape[depth:])
-    return _scatter_axis0(rows, flat_idx, updates, a.str("mode", "add")).reshape(data.shape)
+    return _scatter_axis0(body, flat_idx, updates, a.str("mode", "add")).reshape(data.shape)
 
 
 # ----------------------------------------------------------------------------- tensor operations
@@ -882,6 +932,17 @@ def scatter_nd(a: OpArgs) -> Result:
 @register("identity", native_half=True)
 def identity(a: OpArgs) -> Result:
     return a["x"]
+
+
+@register("read_state", native_half=True)
+def read_state(a: OpArgs) -> Result:
+    return a["input"]
+
+
+@register("coreml_update_state", native_half=True)
+def coreml_update_state(a: OpArgs) -> Result:
+    # The runtime stores the result into the state (Step.state_target); the op also outputs it.
+    return a["value"]
 
 
 @register("select", native_half=True)
@@ -1051,9 +1112,10 @@ def flatten2d(a: OpArgs) -> Result:
 def reshape(a: OpArgs) -> Result:
     x = a["x"]
     target = a.ints("shape")
-    if len(target) == x.dim():
-        # 0 copies the input's dimension at the same position.
-        target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
+    # A 0 copies the input dimension it lines up with counting from the right, or is 1 where there
+    # is none (iOS17; earlier opsets require len(shape) == rank, where this is the same position).
+    offset = len(target) - x.dim()
+    target = [(x.shape[i - offset] if 0 <= i - offset < x.dim() else 1) if d == 0 else d for i, d in enumerate(target)]
     return x.reshape(target)
 
 

@@ -30,6 +30,10 @@ def _bind_input(spec: TensorSpec, value: Any, mode: Mode) -> torch.Tensor:
     return tensor
 
 
+def _widen(tensor: torch.Tensor, mode: Mode) -> torch.Tensor:
+    return tensor.float() if mode == "fp32" and tensor.is_floating_point() else tensor
+
+
 def _conform(tensor: torch.Tensor, info: ValueInfo, mode: Mode, step: Step) -> torch.Tensor:
     target = torch.float32 if mode == "fp32" and info.is_float else info.dtype
     if tensor.dtype != target:
@@ -50,6 +54,41 @@ def _resolve(ref: Any, env: dict[str, torch.Tensor]) -> Any:
     return ref
 
 
+class ExecutorState:
+    """The values of a stateful program's state inputs, kept between calls (Core ML's MLState).
+
+    Created by `make_state`, zero-filled as Core ML's are, and updated in place by each `run` that
+    receives it. Values are held in the dtype the program declares (fp16 states stay fp16 in every
+    mode: rounding into the state is part of what the artifact does).
+    """
+
+    def __init__(self, program: LoadedProgram) -> None:
+        self.program_path = program.path
+        self._specs = dict(program.states)
+        self._values = {name: torch.zeros(spec.shape, dtype=spec.hold_dtype) for name, spec in self._specs.items()}
+
+    def read_state(self, name: str) -> np.ndarray:
+        """A copy of state `name`'s current value."""
+        return _output_array(self._values[self._known(name)], self._specs[name])
+
+    def write_state(self, name: str, value: np.ndarray) -> None:
+        """Replace state `name`'s value (same shape as declared)."""
+        spec = self._specs[self._known(name)]
+        self._values[name] = _bind_input(spec, value, "fp16")
+
+    def _known(self, name: str) -> str:
+        if name not in self._specs:
+            raise ExecutorError(f"{self.program_path}: no state named {name!r} (states: {sorted(self._specs)})")
+        return name
+
+
+def make_state(program: LoadedProgram) -> ExecutorState:
+    """A fresh, zero-filled state for `program`, to pass to successive `run` calls."""
+    if not program.states:
+        raise ExecutorError(f"{program.path}: the model has no state inputs")
+    return ExecutorState(program)
+
+
 def _output_array(tensor: torch.Tensor, spec: TensorSpec) -> np.ndarray:
     # Always a copy: an output may be a view of a constant or of the caller's input array.
     if tensor.is_floating_point():
@@ -61,12 +100,17 @@ def run(
     program: LoadedProgram | Path | str,
     inputs: Mapping[str, np.ndarray],
     mode: Mode = "fp32",
+    state: ExecutorState | None = None,
 ) -> dict[str, np.ndarray]:
     """Execute the program's main function on `inputs`; outputs keyed by the model's output names.
 
     mode "fp32" holds every value in fp32; mode "fp16" rounds each op's outputs to the dtype the
     Program declares (so fp16 programs compute in fp16 precision, op by op). Floating-point outputs
     are returned as float32 arrays, integer and bool outputs in their declared dtype.
+
+    A stateful program (iOS18 state inputs) needs `state`, from `make_state(program)`: it is read at
+    the start and holds the program's coreml_update_state writes after the call, as Core ML's
+    `predict(..., state=...)` does.
     """
     if mode not in ("fp32", "fp16"):
         raise ValueError(f"mode must be 'fp32' or 'fp16', not {mode!r}")
@@ -77,9 +121,15 @@ def run(
         raise ExecutorError(
             f"{loaded.path}: inputs do not match the model (missing {sorted(missing)}, unknown {sorted(unknown)})"
         )
+    if loaded.states and state is None:
+        raise ExecutorError(f"{loaded.path}: the model is stateful: pass state=make_state(program)")
+    if state is not None and state._specs != loaded.states:
+        raise ExecutorError(f"{loaded.path}: the state was made for another model ({state.program_path})")
     widen_all = mode == "fp32"
     with torch.inference_mode():
         env = {name: _bind_input(spec, inputs[name], mode) for name, spec in loaded.inputs.items()}
+        if state is not None:
+            env.update({name: _widen(value, mode) for name, value in state._values.items()})
         for step in loaded.steps:
             args = OpArgs(
                 {name: _resolve(ref, env) for name, ref in step.inputs.items()},
@@ -101,8 +151,14 @@ def run(
                 )
             for info, tensor in zip(step.outputs, results, strict=True):
                 env[info.name] = _conform(tensor, info, mode, step)
+            if step.state_target is not None:
+                stored = results[0].to(loaded.states[step.state_target].hold_dtype)
+                env[step.state_target] = _widen(stored, mode)
             for name in step.release:
                 del env[name]
+        if state is not None:
+            for name, spec in loaded.states.items():
+                state._values[name] = env[name].to(spec.hold_dtype)
         out_vars = [v.name for v in loaded.function.outputs]
         return {
             spec.name: _output_array(env[var] if var in env else loaded.constants[var], spec)
