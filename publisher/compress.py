@@ -35,9 +35,9 @@ class CompressedComponent:
     seconds: float
     mixed: MixedBitRecipe | None = None
     """The mixed-bit recipe applied, when the scheme has one: worth keeping beside the report."""
-    compressed_weights: int = 0
+    compressed_weights: int | None = None
     """Weights stored compressed (decompressed by a ``constexpr_*`` op): 0 when ``weight_threshold`` or the
-    overrides left every weight as it was."""
+    overrides left every weight as it was; None when not counted."""
 
 
 def compressed_weight_count(spec: Any) -> int:
