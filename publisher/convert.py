@@ -7,12 +7,10 @@ our packages unchanged (see README, "Core ML I/O contract").
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
 import resource
-import signal
 import sys
 import tempfile
 import time
@@ -21,12 +19,12 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import coremltools as ct
 import torch
 
 from publisher.attention import Attention
+from publisher.child_process import LIBRARY_LOGGERS, mirror_parent
 from publisher.components import component_spec
 from publisher.coremltools_fixes import install_coremltools_fixes
 from publisher.errors import PublisherError
@@ -130,12 +128,12 @@ def convert_in_subprocess(recipe_file: Path, component: str, attention: Attentio
     of its largest component. Logging, warning filters and the temporary folder follow this process.
     """
 
-    levels = {name: logging.getLogger(name).level for name in _LIBRARY_LOGGERS}
+    levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
     context = multiprocessing.get_context("spawn")  # a fork would inherit this process's memory
     with ProcessPoolExecutor(
         max_workers=1,
         mp_context=context,
-        initializer=_mirror_parent,
+        initializer=mirror_parent,
         initargs=(os.getpid(), levels, list(warnings.filters), tempfile.tempdir),
     ) as pool:
         future = pool.submit(_convert_alone, Path(recipe_file), component, attention, Path(package))
@@ -145,23 +143,6 @@ def convert_in_subprocess(recipe_file: Path, component: str, attention: Attentio
             raise PublisherError(
                 f"converting {component} ({attention}) stopped the converting process: out of memory, or killed"
             ) from None
-
-
-_LIBRARY_LOGGERS = ("coremltools", "torch", "transformers", "diffusers", "huggingface_hub")
-_PR_SET_PDEATHSIG = 1
-
-
-def _mirror_parent(parent: int, levels: dict[str, int], filters: list[Any], tempdir: str | None) -> None:
-    if sys.platform.startswith("linux"):
-        # A killed publish must not leave a conversion running on, holding gigabytes: the kernel
-        # kills this process when its parent dies (PR_SET_PDEATHSIG).
-        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before the request was in place
-            os._exit(1)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-    warnings.filters[:] = filters
-    tempfile.tempdir = tempdir
 
 
 def _convert_alone(recipe_file: Path, component: str, attention: Attention, package: Path) -> ConvertedComponent:

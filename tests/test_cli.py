@@ -72,14 +72,28 @@ def test_a_hub_source_with_the_hub_unreachable_is_one_line_and_exit_4(tmp_path: 
     assert not (tmp_path / "out").exists()
 
 
-def test_quiet_publish_prints_its_result(tmp_path: Path, capsys):
-    """-q keeps errors and final results: the folder a publish leaves is its result."""
+def test_quiet_publish_prints_its_result_and_nothing_else(tmp_path: Path):
+    """-q keeps errors and final results: the folder a publish leaves is its result. Nothing else is
+    printed, by the publisher or by the conversion's process (its libraries' import-time warnings)."""
     recipe = tmp_path / "recipe.yaml"
     text = DEMO_RECIPE.read_text().replace("path: tiny-sd", f"path: {DEMO_RECIPE.parent / 'tiny-sd'}")
     text = text[:text.index("compression:")] + "parity:\n  image_steps: 0\n"
     recipe.write_text(text.replace("components: [text_encoder, unet, vae_decoder, vae_encoder]",
                                    "components: [text_encoder]"))
     out = tmp_path / "out"
-    assert main(["publish", str(recipe), "--out", str(out), "-q"]) == 0
-    captured = capsys.readouterr()
-    assert captured.out == f"published folder ready: {out}\n"
+    result = subprocess.run([sys.executable, "-m", "publisher", "publish", str(recipe), "--out", str(out), "-q"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"published folder ready: {out}\n"
+    assert result.stderr == ""
+
+
+def test_a_bad_recipe_is_reported_before_the_heavy_imports(tmp_path: Path):
+    """validate runs first: a bad recipe costs no torch or coremltools import (seconds each)."""
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(DEMO_RECIPE.read_text().replace("nbits: 6", "nbits: 5", 1))
+    probe = ("import sys; from publisher.cli import main; "
+             f"code = main(['publish', {str(recipe)!r}, '--out', {str(tmp_path / 'out')!r}]); "
+             "print(code, 'coremltools' in sys.modules, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr

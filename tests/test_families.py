@@ -381,9 +381,9 @@ def _death_signal_after_setup(parent: int) -> int:
     import ctypes
     import warnings
 
-    from publisher.convert import _mirror_parent
+    from publisher.child_process import mirror_parent
 
-    _mirror_parent(parent, {}, list(warnings.filters), None)
+    mirror_parent(parent, {}, list(warnings.filters), None)
     signal_number = ctypes.c_int()
     ctypes.CDLL("libc.so.6").prctl(2, ctypes.byref(signal_number))
     return signal_number.value

@@ -15,8 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from publisher.errors import RecipeError
-from publisher.recipe import load_recipe
-from publisher.source import inspect_source
+from publisher.validate import validate_recipe
 from tests.conftest import DEMO_RECIPE, ROOT, TINY_SOURCE
 
 BASE = yaml.safe_load(DEMO_RECIPE.read_text())
@@ -26,7 +25,11 @@ hostile_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
     st.sampled_from(["../../../../etc/passwd", "/etc", "~root", "🦄" * 50, "a" * 5000, "none", "null",
-                     "iOS99", "split_einsum", "0" * 40, "org/model", "../tiny-sd", "\x00", "${HOME}"]),
+                     "iOS99", "split_einsum", "0" * 40, "org/model", "../tiny-sd", "\x00", "${HOME}",
+                     # issue 15's hostile values: root names as folders, repo ids the Hub refuses,
+                     # direction overrides, paths to the process's secrets
+                     "vocab.json", "README.md", "images", "original\n", "me/bad..name", "me/name.git",
+                     "me/x\n", "a\u202eb", "/proc/self/environ", "recipe.yaml", "{{ cycler.__init__ }}"]),
 )
 hostile_values = st.recursive(hostile_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)), max_leaves=8)
@@ -88,7 +91,7 @@ def test_fuzzed_recipe_is_valid_or_one_line_error(tmp_path_factory, text):
     path = folder / "recipe.yaml"
     path.write_text(text, encoding="utf-8")
     try:
-        inspect_source(load_recipe(path))
+        validate_recipe(path)
     except RecipeError as error:
         message = str(error)
         assert message and "\n" not in message and error.exit_code == 2
@@ -150,7 +153,7 @@ def test_damaged_source_file_is_valid_or_one_line_error(damaged_source, name, da
         path.write_bytes(original[:at] + data.draw(st.binary(min_size=1, max_size=8)) + original[at + 8:])
         must_fail = False
     try:
-        inspect_source(load_recipe(recipe))
+        validate_recipe(recipe)
     except RecipeError as error:
         message = str(error)
         assert "\n" not in message and error.exit_code == 2
