@@ -19,7 +19,7 @@ from publisher import executor, pipeline
 from publisher.cache import StageCache
 from publisher.compress import CompressedComponent
 from publisher.convert import ConvertedComponent
-from publisher.errors import PublisherError
+from publisher.errors import ParityError, PublisherError
 from publisher.executor import loader
 from publisher.monitor import Monitor
 from publisher.pipeline import publish
@@ -142,17 +142,17 @@ def test_weight_file_matches_the_6bit_budget(demo_output: Path):
         assert component.compressed_bytes == pytest.approx(budget, rel=0.05), component.component
 
 
-def test_failed_run_leaves_no_output(tmp_path: Path):
-    broken = tmp_path / "broken-source"
-    import shutil
+def test_failed_run_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A run that fails once the work started (a broken source is refused before: tests/test_bad_sources.py)
+    leaves neither --out nor its work folder."""
+    def failing_parity(run, build):
+        assert any(path.name.startswith(".broken.work-") for path in (tmp_path / "out").iterdir())
+        raise ParityError("parity failed: simulated")
 
-    shutil.copytree(TINY_SOURCE, broken)
-    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
-    recipe = tmp_path / "broken.yaml"
-    recipe.write_text(DEMO_RECIPE.read_text().replace("path: tiny-sd", f"path: {broken}"))
+    monkeypatch.setattr(pipeline, "check_parity", failing_parity)
     out = tmp_path / "out" / "broken"
-    with pytest.raises(Exception):  # noqa: B017 - any failure; what matters is what is left on disk
-        publish(recipe, out, quiet=True)
+    with pytest.raises(ParityError):
+        publish(DEMO_RECIPE, out, quiet=True)
     assert not out.exists()
     assert list((tmp_path / "out").iterdir()) == []
 

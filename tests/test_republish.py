@@ -51,7 +51,7 @@ def test_a_cold_cache_republish_of_an_unchanged_recipe_makes_no_commit(
     again = publish(DEMO_RECIPE, tmp_path / "again", quiet=True, push=PushOptions(), cache=cold_cache)
 
     assert any((cold_cache.root / "convert").iterdir())  # every stage really ran again
-    assert capsys.readouterr().out.startswith(f"up to date: {REPO}@main already holds this content")
+    assert f"\nup to date: {REPO}@main already holds this content" in capsys.readouterr().out
     assert (hub.head(REPO), hub.commit_count(REPO)) == (head, count)
     assert commits(hub) == []
     # Every byte of the folder is the same, the measured costs included: they were taken from the Hub.
