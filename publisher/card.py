@@ -356,8 +356,9 @@ def _usage(report: PublishReport) -> tuple[UsageVariant, ...]:
 
 
 def _limitations(report: PublishReport, device_rows: list[DeviceRow]) -> tuple[str, ...]:
-    """Say plainly what this run did not measure, so a missing table is not mistaken for a good one."""
-    notes = []
+    """Say plainly what this run did not measure or could not read, so a missing table or license is not mistaken
+    for a good one."""
+    notes = [_redact(warning) for warning in report.source_warnings]
     if not report.parity:
         notes.append("Numerical parity of the Core ML packages against the PyTorch model was not measured in this run.")
     elif not any(result.backend == "coreml-runtime" for result in report.parity):

@@ -483,6 +483,7 @@ def make_report(recipe: Recipe, source: LoadedSource, build: Build, parity: Pari
         image_size=image_size(recipe, source),
         tool_versions=tool_versions(),
         card_tags=list(recipe.card.tags),
+        source_warnings=list(source.warnings),
         variants=build.variants,
         parity=parity.results,
         image_parity=parity.images,

@@ -109,6 +109,9 @@ class PublishReport(BaseModel):
     image_size: int
     tool_versions: dict[str, str]
     card_tags: list[str] = Field(default_factory=list)
+    source_warnings: list[str] = Field(
+        default_factory=list, description="What could not be read from the source (its model card), in words"
+    )
     variants: list[VariantReport]
     parity: list[ParityResult] = Field(default_factory=list)
     image_parity: list[ImageParity] = Field(default_factory=list)

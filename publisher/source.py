@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import logging
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,16 +20,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from huggingface_hub import HfApi, ModelCard, constants, get_token, snapshot_download
+from huggingface_hub import HfApi, ModelCard, constants, get_token, hf_hub_download, snapshot_download
+from huggingface_hub.errors import RemoteEntryNotFoundError
 
 from publisher.components import component_spec
 from publisher.errors import PublisherError, RecipeError
 from publisher.hub_errors import HubCall, hub_errors, retry_notes
 from publisher.recipe import ModelSource, Recipe
-from publisher.source_check import CONTROLNET_CLASS, check_source, check_tokenizer, refuse
+from publisher.source_check import (
+    CONTROLNET_CLASS,
+    FAST_TOKENIZER_FILE,
+    TOKENIZER_FILES,
+    check_source,
+    check_tokenizer,
+    refuse,
+)
 
 Family = Literal["sd1", "sd2", "sdxl"]
 HUB_PROBE_TIMEOUT = 10  # seconds: an unreachable Hub fails fast, a slow one still answers
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ class LoadedSource:
     recipe: Recipe | None = None
     model_classes: dict[str, str] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)
+    warnings: list[str] = field(default_factory=list)
 
     @contextmanager
     def weights(self, *models: str) -> Iterator[None]:
@@ -99,9 +111,44 @@ class LoadedSource:
         """``vocab.json`` and ``merges.txt``, which Apple's Swift pipeline reads beside the models.
 
         diffusers loads Hub sources from a local snapshot, so the tokenizer's ``name_or_path`` is a
-        folder either way.
+        folder either way. A tokenizer with only ``tokenizer.json`` gets the two files derived into a
+        new temporary folder (a publish's work folder): the source folder may be read-only or a Hub cache.
+
+        Returns:
+            `list[Path]`: ``vocab.json`` and ``merges.txt``.
         """
-        return check_tokenizer(Path(self.tokenizer.name_or_path))
+        files = check_tokenizer(Path(self.tokenizer.name_or_path))
+        if files[0].name != FAST_TOKENIZER_FILE:
+            return files
+        return write_slow_tokenizer_files(files[0], Path(tempfile.mkdtemp(prefix="tokenizer-")))
+
+
+def write_slow_tokenizer_files(tokenizer_json: Path, folder: Path) -> list[Path]:
+    """Write the ``vocab.json`` and ``merges.txt`` of a ``tokenizer.json``'s BPE model, byte for byte as the
+    slow ``CLIPTokenizer`` of transformers 4 saves them.
+
+    The format follows ``CLIPTokenizer.save_vocabulary`` in transformers 4
+    (``src/transformers/models/clip/tokenization_clip.py``, e.g. commit 01f287b3d817): the encoder dumped with
+    ``indent=2, sort_keys=True, ensure_ascii=False`` and a newline; ``#version: 0.2`` then each merge's pair
+    joined by a space, in rank order. Apple's Swift pipeline parses these files.
+
+    Args:
+        tokenizer_json (`Path`):
+            A ``tokenizer.json`` that `check_tokenizer` accepted (a BPE model with ``vocab`` and ``merges``).
+        folder (`Path`):
+            An existing folder to write the two files into.
+
+    Returns:
+        `list[Path]`: ``vocab.json`` and ``merges.txt`` in ``folder``.
+    """
+    model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
+    vocab_path, merges_path = (folder / name for name in TOKENIZER_FILES)
+    vocab_path.write_text(json.dumps(model["vocab"], indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                          encoding="utf-8")
+    # tokenizers < 0.20 saves a merge as "a b", later versions as ["a", "b"]; the list is in rank order.
+    pairs = (merge.split(" ", 1) if isinstance(merge, str) else merge for merge in model["merges"])
+    merges_path.write_text("#version: 0.2\n" + "".join(" ".join(pair) + "\n" for pair in pairs), encoding="utf-8")
+    return [vocab_path, merges_path]
 
 
 def detect_family(model_index: dict[str, Any], unet_config: dict[str, Any] | None) -> Family:
@@ -217,14 +264,17 @@ def load_source(recipe: Recipe, models: tuple[str, ...] | None = None) -> Loaded
     if "safety_checker" in model_index:  # never converted; only SD 1.x/2.x pipelines name one
         given["safety_checker"] = None
     try:
+        # use_safetensors: a pickle is refused, not unpickled (torch.load on user input runs code); the check of a
+        # local source refuses it earlier, a Hub source's weights are only seen here.
         pipe = DiffusionPipeline.from_pretrained(
-            location, revision=source.revision, torch_dtype=torch.float32, **given
+            location, revision=source.revision, torch_dtype=torch.float32, use_safetensors=True, **given
         )
     except OSError as exc:
         raise _load_error("the source pipeline", location, exc) from None
     license_id = info.license
+    warnings: list[str] = []
     if source.repo is not None:
-        license_id = _hub_license(source.repo, source.revision)
+        license_id = _hub_license(source.repo, source.revision, warnings)
         family = source.family or detect_family(model_index, dict(pipe.unet.config))
         _check_components(recipe, tuple(name for name, value in pipe.components.items() if value is not None), family)
     else:
@@ -233,7 +283,7 @@ def load_source(recipe: Recipe, models: tuple[str, ...] | None = None) -> Loaded
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
     return LoadedSource(pipe=pipe, family=family, license=license_id, revision=source.revision,
-                        controlnet=controlnet, recipe=recipe, model_classes=classes, loaded=loaded)
+                        controlnet=controlnet, recipe=recipe, model_classes=classes, loaded=loaded, warnings=warnings)
 
 
 def _model(recipe: Recipe, classes: dict[str, str], name: str, *, weights: bool) -> Any:
@@ -267,7 +317,7 @@ def _load_model(class_name: str, location: str, revision: str | None, subfolder:
     try:
         where = {"subfolder": subfolder} if subfolder else {}
         return _model_class(class_name).from_pretrained(location, revision=revision, torch_dtype=torch.float32,
-                                                        **where)
+                                                        use_safetensors=True, **where)  # never unpickle
     except OSError as exc:
         raise _load_error(f"the {class_name}", location, exc) from None
 
@@ -339,8 +389,21 @@ def _torch_models(index: dict[str, Any]) -> dict[str, str]:
     return models
 
 
-def _hub_license(repo: str, revision: str | None) -> str | None:
+def _hub_license(repo: str, revision: str | None, warnings: list[str]) -> str | None:
+    """The license in the metadata of the Hub source's card at ``revision``; None without a card.
+
+    A card that cannot be read (not downloadable, not UTF-8, broken metadata) leaves the license unknown: the
+    run goes on, since the recipe can name the license, but says so in ``warnings`` and the log.
+    """
     try:
-        return ModelCard.load(repo, revision=revision).data.to_dict().get("license")
-    except Exception:  # a missing card must not fail a conversion; the recipe can name the license
+        card_path = hf_hub_download(repo, "README.md", revision=revision)
+        return ModelCard.load(card_path).data.to_dict().get("license")
+    except RemoteEntryNotFoundError:  # a repo without a card
+        return None
+    except (OSError, yaml.YAMLError, ValueError) as exc:  # ValueError: not UTF-8, or metadata that is not a mapping
+        problem = " ".join(str(exc).split())
+        warning = (f"The source's model card ({repo} README.md at {revision}) could not be read, so its license is "
+                   f"unknown: {type(exc).__name__}: {problem}")
+        logger.warning(warning)
+        warnings.append(warning)
         return None

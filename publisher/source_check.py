@@ -19,6 +19,8 @@ from publisher.recipe import Recipe
 
 # The CLIP tokenizer's files, which Apple's Swift pipeline also reads beside the models.
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+# transformers >= 5 saves only this: the same vocabulary and merges, in its BPE model.
+FAST_TOKENIZER_FILE = "tokenizer.json"
 CONTROLNET_CLASS = "ControlNetModel"
 # The pipeline models a run loads weights for; others (an image encoder) are only ever built from their config.
 WEIGHTED_MODELS = frozenset(spec.model for spec in TABLE.values()) - {"controlnet"}
@@ -50,7 +52,7 @@ def check_source(recipe: Recipe, snapshot: Path | None = None) -> dict[str, Any]
 
     Every component of the pipeline needs its folder and its config; the models a run loads need
     whole safetensors weights (a pickle is refused: unpickling runs code from the file); the
-    tokenizer needs ``vocab.json`` and ``merges.txt``.
+    tokenizer needs ``vocab.json`` and ``merges.txt``, or a ``tokenizer.json`` holding them.
 
     Args:
         recipe (`Recipe`):
@@ -227,29 +229,54 @@ def _check_component(folder: Path, cls: type, *, weights: bool) -> dict[str, Any
 def check_tokenizer(folder: Path) -> list[Path]:
     """Check a CLIP tokenizer folder: its vocabulary, merges and length exist, and its JSON files parse.
 
+    The vocabulary and merges are ``vocab.json`` and ``merges.txt`` (transformers 4), or the BPE model of
+    ``tokenizer.json`` (transformers 5 saves only that).
+
     Args:
         folder (`Path`):
             The tokenizer's folder.
 
     Returns:
-        `list[Path]`: ``vocab.json`` and ``merges.txt``, which the published repository ships.
+        `list[Path]`: ``vocab.json`` and ``merges.txt`` when the folder has both, else ``tokenizer.json``, from which
+        the published repository's files are derived.
 
     Raises:
         [`~publisher.errors.RecipeError`]:
-            A file or the tokenizer's length is missing, or a JSON file does not parse.
+            The vocabulary, the merges or the tokenizer's length is missing, or a JSON file does not parse.
     """
-    missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
-    if missing:
-        raise refuse(folder / missing[0], f"is missing: the CLIP tokenizer needs {' and '.join(TOKENIZER_FILES)}",
-                     f"add {' and '.join(missing)} from the model's tokenizer")
     for path in sorted(folder.glob("*.json")):
         read_json(path)
+    missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
+    if not missing:
+        files = [folder / name for name in TOKENIZER_FILES]
+    elif (folder / FAST_TOKENIZER_FILE).is_file():
+        files = [folder / FAST_TOKENIZER_FILE]
+        _check_bpe_model(files[0])
+    else:
+        raise refuse(folder / missing[0],
+                     f"is missing: the CLIP tokenizer needs {' and '.join(TOKENIZER_FILES)}, or {FAST_TOKENIZER_FILE}",
+                     f"add {' and '.join(missing)} from the model's tokenizer")
     # Without it the tokenizer's length is unbounded (1e30), and the text encoder and UNet are converted for it.
     config_path = folder / "tokenizer_config.json"
     if not isinstance(_config(config_path).get("model_max_length"), int):
         raise refuse(config_path, '"model_max_length" is missing or not a number',
                      "set it to the text encoder's max_position_embeddings (77 for CLIP)")
-    return [folder / name for name in TOKENIZER_FILES]
+    return files
+
+
+def _check_bpe_model(path: Path) -> None:
+    """The published ``vocab.json`` and ``merges.txt`` are derived from the BPE model's ``vocab`` and ``merges``."""
+    model = _config(path).get("model")
+    if not (isinstance(model, dict) and model.get("type") == "BPE"
+            and isinstance(model.get("vocab"), dict) and isinstance(model.get("merges"), list)):
+        raise refuse(path, '"model" is not a BPE model with a "vocab" and "merges"',
+                     "save the CLIP tokenizer again, or add its vocab.json and merges.txt")
+    for rank, merge in enumerate(model["merges"]):
+        # tokenizers < 0.20 saves a merge as "a b", later versions as ["a", "b"].
+        if not (isinstance(merge, str) and " " in merge
+                or isinstance(merge, list) and len(merge) == 2 and all(isinstance(part, str) for part in merge)):
+            raise refuse(path, f'"model.merges" item {rank} is {merge!r}, not a pair of symbols',
+                         "save the CLIP tokenizer again, or add its vocab.json and merges.txt")
 
 
 def _weight_files(folder: Path, cls: type) -> list[Path]:

@@ -146,6 +146,14 @@ BROKEN: list[tuple[str, Callable[[Path], None], str, str]] = [
     ("text-encoder-pickle-only", pickle_only, "text_encoder/pytorch_model.bin", "safetensors"),
     ("tokenizer-without-merges", unlink("tokenizer/merges.txt"), "tokenizer/merges.txt", "merges.txt"),
     ("tokenizer-without-vocab", unlink("tokenizer/vocab.json"), "tokenizer/vocab.json", "vocab.json"),
+    ("tokenizer-json-only-not-bpe",
+     lambda src: [unlink("tokenizer/vocab.json")(src), unlink("tokenizer/merges.txt")(src),
+                  write("tokenizer/tokenizer.json", '{"model": {"type": "WordPiece", "vocab": {}}}')(src)],
+     "tokenizer/tokenizer.json", "BPE"),
+    ("tokenizer-json-only-bad-merge",
+     lambda src: [unlink("tokenizer/vocab.json")(src), unlink("tokenizer/merges.txt")(src),
+                  write("tokenizer/tokenizer.json", '{"model": {"type": "BPE", "vocab": {}, "merges": [["a"]]}}')(src)],
+     "tokenizer/tokenizer.json", "not a pair"),
     ("tokenizer-without-length",
      lambda src: edit_json(src / "tokenizer/tokenizer_config.json", lambda c: c.pop("model_max_length")),
      "tokenizer/tokenizer_config.json", "model_max_length"),
@@ -266,3 +274,23 @@ def test_publish_checks_a_hub_source_once_its_configs_are_downloaded(tmp_path):
     assert result.returncode == 2, result.stderr
     assert_one_line_naming(result.stderr, snapshot / "tokenizer/merges.txt", "is missing")
     assert not out.exists() and not any(out.parent.glob("*"))
+
+
+@pytest.mark.parametrize(("model", "class_name", "weights", "pickle_name"), [
+    ("text_encoder", "CLIPTextModel", TEXT_WEIGHTS, "pytorch_model.bin"),
+    ("unet", "UNet2DConditionModel", UNET_WEIGHTS, "diffusion_pytorch_model.bin"),
+])
+def test_the_loaders_refuse_a_pickle_only_model(source, model, class_name, weights, pickle_name):
+    """A Hub source's weights are not checked before the loaders read them: they must not unpickle a file
+    (`torch.load` on user input runs code). A loadable pickle proves the loader refuses it rather than fails on it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from publisher.errors import PublisherError
+    from publisher.source import _load_model
+
+    torch.save(load_file(source / weights), source / model / pickle_name)
+    (source / weights).unlink()
+    with pytest.raises(PublisherError, match=f"cannot load the {class_name} {source}") as caught:
+        _load_model(class_name, str(source), None, model)
+    assert "\n" not in str(caught.value)
