@@ -37,11 +37,11 @@ from publisher.commands import run_tool
 from publisher.components import component_names, swift_resource
 from publisher.device_results import DeviceResults, DeviceRun, read_device_results
 from publisher.errors import HubError, ParityError, PublisherError, RecipeError
-from publisher.hub import PushResult, format_operations, format_summary, push_folder
+from publisher.hub import PushResult
 from publisher.hub_errors import HubCall, hub_errors
 from publisher.layout import DEVICE_RESULTS_NAME, TOKENIZER_FILES
 from publisher.parity import COREML_RUNTIME, coreml_runtime_available, measure_component
-from publisher.push import PushOptions
+from publisher.push import PushOptions, push_folder_and_report
 from publisher.recipe import Recipe
 from publisher.report import ParityResult, PublishReport
 from publisher.source import load_source
@@ -317,11 +317,8 @@ def push_results(folder: Path, repo_id: str, fetched: str | None, options: PushO
                 f"{repo_id}@{target} moved from {fetched[:10]} to {(head or 'nothing')[:10]} while bench-device"
                 " measured it; nothing was pushed: rerun to measure the new revision"
             )
-    result = push_folder(folder, repo_id, revision=options.revision, create_pr=options.create_pr,
-                         dry_run=options.dry_run, endpoint=endpoint, commit_message=COMMIT_MESSAGE,
-                         progress=not quiet)
-    print(format_operations(result) if options.dry_run else format_summary(result))
-    return result
+    return push_folder_and_report(folder, repo_id, options=options, quiet=quiet, endpoint=endpoint,
+                                  commit_message=COMMIT_MESSAGE)
 
 
 def run_bench_device(target: str, recipe: Recipe, tools: DeviceTools, settings: BenchSettings = BenchSettings(),

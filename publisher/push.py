@@ -46,10 +46,15 @@ def adopt_published_costs(report: PublishReport, options: PushOptions, *, quiet:
     return published if published.same_publish(report) else report
 
 
-def push_folder_and_report(folder: Path, repo_id: str, *, private: bool, options: PushOptions,
-                           quiet: bool = False) -> PushResult:
-    """Upload an assembled folder in one commit and print what happened (the operations on a dry run)."""
+def push_folder_and_report(folder: Path, repo_id: str, *, private: bool = False, options: PushOptions,
+                           quiet: bool = False, endpoint: str | None = None,
+                           commit_message: str | None = None) -> PushResult:
+    """Upload an assembled folder in one commit and print what happened (the operations on a dry run).
+
+    ``endpoint`` and ``commit_message`` are :func:`publisher.hub.push_folder`'s.
+    """
     result = push_folder(folder, repo_id, private=private, revision=options.revision,
-                         create_pr=options.create_pr, dry_run=options.dry_run, progress=not quiet)
+                         create_pr=options.create_pr, dry_run=options.dry_run, endpoint=endpoint,
+                         commit_message=commit_message, progress=not quiet)
     print(format_operations(result) if options.dry_run else format_summary(result))
     return result
