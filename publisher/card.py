@@ -181,6 +181,8 @@ def build_context(
     """Derive the card's tables from the report. Raises :class:`RecipeError` for a device run of an unknown variant."""
     local = report.source.startswith("local:")
     source_name = report.source.removeprefix("local:")
+    single_file = any(item.role == "checkpoint" for item in report.inputs)
+    source_kind = "checkpoint file" if single_file else "diffusers pipeline"
     attention = {variant.folder: variant.attention for variant in report.variants}
     device_rows = []
     for index, run in enumerate(device_results):
@@ -194,7 +196,7 @@ def build_context(
     return CardContext(
         report=report,
         title=f"{report.recipe_name} for Core ML",
-        source_display=f"a local diffusers pipeline (`{source_name}`)" if local else f"`{report.source}`",
+        source_display=f"a local {source_kind} (`{source_name}`)" if local else f"`{report.source}`",
         source_url=None if local else f"https://huggingface.co/{report.source}",
         revision_url=(
             f"https://huggingface.co/{report.source}/tree/{report.source_revision}"
@@ -453,13 +455,16 @@ def card_data(report: PublishReport, extra_tags: tuple[str, ...] = ()) -> ModelC
     """The card's YAML header: license, base model and its relation, pipeline tag and tags."""
     variant_tags = tuple(variant.attention for variant in report.variants)
     tags = list(dict.fromkeys(BASE_TAGS + variant_tags + tuple(report.card_tags) + tuple(extra_tags)))
-    base_model = None if report.source.startswith("local:") else report.source
-    other = {"base_model_relation": "quantized"} if base_model else {}
+    base_models = [] if report.source.startswith("local:") else [report.source]
+    # LoRAs fused into the weights are base models too; with several, the Hub's relation is a merge.
+    base_models += [item.repo for item in report.inputs if item.role == "lora" and item.repo]
+    base_models = list(dict.fromkeys(base_models))
+    other = {"base_model_relation": "merge" if len(base_models) > 1 else "quantized"} if base_models else {}
     return ModelCardData(
         license=report.license,
         license_name=report.license_name,
         license_link=report.license_link,
-        base_model=base_model,
+        base_model=(base_models[0] if len(base_models) == 1 else base_models) or None,
         pipeline_tag="text-to-image",
         tags=tags,
         # Not a named argument of ModelCardData; without it the Hub labels a converted repo a fine-tune.

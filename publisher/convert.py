@@ -24,6 +24,7 @@ import coremltools as ct
 import torch
 
 from publisher.attention import Attention
+from publisher.checkpoint import Assembly
 from publisher.child_process import LIBRARY_LOGGERS, mirror_parent
 from publisher.components import component_spec
 from publisher.coremltools_fixes import install_coremltools_fixes
@@ -120,12 +121,14 @@ def convert_component(
 # One component per process
 
 
-def convert_in_subprocess(recipe_file: Path, component: str, attention: Attention, package: Path) -> ConvertedComponent:
+def convert_in_subprocess(recipe_file: Path, component: str, attention: Attention, package: Path,
+                          assembly: Assembly | None = None) -> ConvertedComponent:
     """:func:`convert_component` in a fresh process that loads only the model ``component`` needs.
 
     The process's peak memory is this one component's (reported as ``peak_rss``), and all of it
     goes back to the operating system when the process ends: a whole recipe then fits in the memory
     of its largest component. Logging, warning filters and the temporary folder follow this process.
+    ``assembly`` is the pipeline assembled for the recipe's source, when it needed one.
     """
 
     levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
@@ -136,7 +139,7 @@ def convert_in_subprocess(recipe_file: Path, component: str, attention: Attentio
         initializer=mirror_parent,
         initargs=(os.getpid(), levels, list(warnings.filters), tempfile.tempdir),
     ) as pool:
-        future = pool.submit(_convert_alone, Path(recipe_file), component, attention, Path(package))
+        future = pool.submit(_convert_alone, Path(recipe_file), component, attention, Path(package), assembly)
         try:
             return future.result()
         except BrokenProcessPool:
@@ -145,9 +148,10 @@ def convert_in_subprocess(recipe_file: Path, component: str, attention: Attentio
             ) from None
 
 
-def _convert_alone(recipe_file: Path, component: str, attention: Attention, package: Path) -> ConvertedComponent:
+def _convert_alone(recipe_file: Path, component: str, attention: Attention, package: Path,
+                   assembly: Assembly | None) -> ConvertedComponent:
     recipe = load_recipe(recipe_file)
-    source = load_source(recipe, models=(component_spec(component).model,))
+    source = load_source(recipe, models=(component_spec(component).model,), assembly=assembly)
     converted = convert_component(recipe, source, component, package, attention)
     return replace(converted, peak_rss=_peak_rss())
 

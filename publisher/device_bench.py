@@ -32,6 +32,7 @@ from huggingface_hub import HfApi, get_token, snapshot_download
 from publisher import __version__
 from publisher.cache import hash_path
 from publisher.card import format_bytes, write_card
+from publisher.checkpoint import Assembly, assemble_source
 from publisher.chunk import chains
 from publisher.commands import run_tool
 from publisher.components import component_names, swift_resource
@@ -352,6 +353,12 @@ def run_bench_device(target: str, recipe: Recipe, tools: DeviceTools, settings: 
     return result
 
 
+def _assembly(recipe: Recipe) -> Assembly | None:
+    if not recipe.source.needs_assembly:
+        return None
+    return assemble_source(recipe.source, Path(tempfile.mkdtemp(prefix="source-")))
+
+
 def coreml_tools(recipe: Recipe) -> DeviceTools:
     """The real tools on a Mac: ``xcrun coremlcompiler``, coremltools' runtime, parity against ``recipe``'s source."""
     if platform.system() != "Darwin" or not coreml_runtime_available():
@@ -359,7 +366,8 @@ def coreml_tools(recipe: Recipe) -> DeviceTools:
                              " (run it on an Apple-silicon Mac, or let the publish workflow's macOS job run it)")
 
 
-    source = functools.cache(lambda: load_source(recipe, models=()))  # configs once; weights per component
+    # Configs once; weights per component. A source assembled at publish time is assembled again here, once.
+    source = functools.cache(lambda: load_source(recipe, models=(), assembly=_assembly(recipe)))
 
     def compile_model(package: Path, out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 recipe -> source -> convert -> compress (-> chunk) -> parity -> card -> assemble -> (hub)
 
 Every stage but the first and the last is cached (publisher/cache.py); parity's torch reference
-outputs are a cached stage of their own, shared by all variants.
+outputs are a cached stage of their own, shared by all variants. A source that diffusers cannot load as
+one pipeline (a single-file checkpoint, a VAE file, LoRAs) is assembled into one first, cached too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import psutil
 from publisher.assemble import assemble, check_destination, package_path, promote
 from publisher.cache import StageCache, hash_path, make_key
 from publisher.card import write_card
+from publisher.checkpoint import Assembly, assemble_source
 from publisher.chunk import chunk_package
 from publisher.components import CHUNKS, chunk_names, component_spec
 from publisher.compress import compress_package
@@ -42,7 +44,7 @@ from publisher.parity import (
     reference_images,
 )
 from publisher.push import PushOptions, adopt_published_costs, push_folder_and_report
-from publisher.recipe import Recipe, Scheme, Variant
+from publisher.recipe import ModelSource, Recipe, Scheme, Variant
 from publisher.report import (
     ComponentReport,
     ImageParity,
@@ -125,10 +127,13 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
 
     previous_tempdir, tempfile.tempdir = tempfile.tempdir, str(work)
     try:
+        cache = cache or StageCache()
+        entries: dict[str, Path] = {}
+        assembly = assemble_source_stage(recipe, cache, monitor, entries)
         with monitor.stage("load source", record=False):
             # Configs and tokenizer only: each stage loads the weights of the component it works on.
-            source = load_source(recipe, models=())
-        run = Run(recipe, source, source_identity(recipe), cache or StageCache(), monitor, work)
+            source = load_source(recipe, models=(), assembly=assembly)
+        run = Run(recipe, source, source_identity(recipe), cache, monitor, work, entries)
         build = build_variants(run)
         parity = check_parity(run, build)
         report = make_report(recipe, source, build, parity, monitor)
@@ -175,37 +180,61 @@ def remove_abandoned_work(out: Path) -> None:
 
 
 def source_identity(recipe: Recipe) -> str:
-    """A Hub revision is immutable; a local folder is identified by its content. A separate VAE or
-    ControlNet source is part of the identity: it changes what the pipeline converts."""
-    models = [recipe.source, recipe.source.vae, recipe.source.controlnet]
-    return " + ".join(
-        f"{model.repo}@{model.revision}" if model.repo else f"local:{hash_path(model.path)}"
-        for model in models if model is not None
-    )
+    """A Hub revision is immutable; a local file or folder is identified by its content. Everything that
+    changes the weights is part of it: a separate VAE or ControlNet, the LoRAs and their scales, and the
+    architecture a single file loads into."""
+    source = recipe.source
+
+    def identity(model: ModelSource) -> str:
+        if model.repo is None:
+            return f"local:{hash_path(model.path)}"
+        return f"{model.repo}@{model.revision}" + (f":{model.filename}" if model.filename else "")
+
+    parts = [identity(model) for model in (source, source.vae, source.controlnet) if model is not None]
+    parts += [f"lora {identity(lora)} x {lora.scale!r}" for lora in source.loras]
+    if source.is_single_file:
+        parts.append(f"config {hash_path(source.config) if source.config else source.family or 'detected'}")
+    return " + ".join(parts)
+
+
+def assemble_source_stage(recipe: Recipe, cache: StageCache, monitor: Monitor,
+                          entries: dict[str, Path]) -> Assembly | None:
+    """The pipeline assembled from a source diffusers cannot load as one (see publisher.checkpoint), or None."""
+    if not recipe.source.needs_assembly:
+        return None
+    entry = cache_entry(cache, monitor, entries, recipe.name, "source", {"source": source_identity(recipe)},
+                        recipe.source.display, lambda folder: assemble_source(recipe.source, folder))
+    return Assembly.load(entry)
 
 
 def cached(run: Run, stage: str, key_parts: dict, label: str, produce: Callable[[Path], None]) -> Path:
     """The cache entry for ``stage``: reused when present, else made by ``produce(folder)``."""
+    return cache_entry(run.cache, run.monitor, run.entries, run.recipe.name, stage, key_parts, label, produce)
+
+
+def cache_entry(cache: StageCache, monitor: Monitor, entries: dict[str, Path], recipe_name: str, stage: str,
+                key_parts: dict, label: str, produce: Callable[[Path], None]) -> Path:
+    """:func:`cached`, before a run's source is loaded."""
     key = make_key(stage, key_parts)
-    if key in run.entries:
-        return run.entries[key]
-    entry = run.cache.lookup(stage, key, on_broken=lambda problem: run.monitor.say(
+    if key in entries:
+        return entries[key]
+    entry = cache.lookup(stage, key, on_broken=lambda problem: monitor.say(
         f"[yellow]![/yellow] {stage} {label}: the cached entry is broken ({problem}); recomputing"))
     if entry is not None:
-        run.monitor.say(f"[cyan]↷[/cyan] {stage} {label} [dim](cached)[/dim]")
+        monitor.say(f"[cyan]↷[/cyan] {stage} {label} [dim](cached)[/dim]")
         # The report keeps the cost measured when the entry was made, so a resumed or repeated run
         # reports (and publishes) the same numbers.
-        run.monitor.costs.append(StageCost.model_validate_json((entry / COST).read_text()))
+        monitor.costs.append(StageCost.model_validate_json((entry / COST).read_text()))
     else:
-        with run.cache.store(stage, key, label, recipe=run.recipe.name) as folder:
-            with run.monitor.stage(stage, label):
+        with cache.store(stage, key, label, recipe=recipe_name) as folder:
+            with monitor.stage(stage, label):
                 produce(folder)
                 # What a stage freed stays in this long-lived process's heap otherwise, under the
                 # next stage's peak (2 GB after compressing SD 1.5's UNet).
                 release_memory()
-            (folder / COST).write_text(run.monitor.costs[-1].model_dump_json())
-        entry = run.cache.root / stage / key
-    run.entries[key] = entry
+            (folder / COST).write_text(monitor.costs[-1].model_dump_json())
+        entry = cache.root / stage / key
+    entries[key] = entry
     return entry
 
 
@@ -282,7 +311,7 @@ def convert(run: Run, variant: Variant, component: str) -> BuiltComponent:
     def produce(folder: Path) -> None:
         # In a process of its own, which loads this component's model alone and returns all of its
         # memory when it ends: the run's peak is its largest component's.
-        converted = convert_in_subprocess(recipe.file, component, attention, folder / PACKAGE)
+        converted = convert_in_subprocess(recipe.file, component, attention, folder / PACKAGE, run.source.assembly)
         (folder / "meta.json").write_text(json.dumps({"parameters": converted.parameters,
                                                        "seconds": converted.seconds}))
 
@@ -471,7 +500,7 @@ def make_report(recipe: Recipe, source: LoadedSource, build: Build, parity: Pari
         recipe_name=recipe.name,
         recipe_file=recipe.file.name,
         recipe_sha256=recipe.sha256,
-        source=recipe.source.repo or f"local:{recipe.source.path.name}",
+        source=recipe.source.repo or f"local:{recipe.source.model_id}",
         source_revision=source.revision,
         family=source.family,
         license=recipe.card.license or source.license,
@@ -483,6 +512,7 @@ def make_report(recipe: Recipe, source: LoadedSource, build: Build, parity: Pari
         image_size=image_size(recipe, source),
         tool_versions=tool_versions(),
         card_tags=list(recipe.card.tags),
+        inputs=list(source.assembly.inputs) if source.assembly else [],
         source_warnings=list(source.warnings),
         variants=build.variants,
         parity=parity.results,

@@ -102,12 +102,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Pickled checkpoints run code from the file when loaded: refused, never unpickled.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+CHECKPOINT_SUFFIX = ".safetensors"
+
+
+def check_weights_file(name: str) -> str:
+    """``name`` if it names a safetensors file, else ``ValueError`` saying why and what to do."""
+    suffix = Path(name).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{Path(name).name} is a pickle checkpoint ({suffix}): loading one runs any code it holds, so it is"
+            " refused; use the repository's .safetensors file, or convert it to safetensors on a machine"
+            " without secrets (safetensors.torch.save_file of its state dict)"
+        )
+    if suffix != CHECKPOINT_SUFFIX:
+        raise ValueError(f"{Path(name).name} is not a {CHECKPOINT_SUFFIX} file")
+    return name
+
+
 class ModelSource(_Strict):
-    """A pinned Hub revision or a local folder."""
+    """A pinned Hub revision or a local path: a diffusers folder, or one ``.safetensors`` file (``path`` to
+    the file, or ``filename`` in the Hub repo)."""
 
     repo: RepoId | None = None
     revision: str | None = None
     path: Path | None = None
+    filename: str | None = None
 
     @field_validator("revision")
     @classmethod
@@ -115,6 +136,23 @@ class ModelSource(_Strict):
         # A branch name would make two runs of the same recipe publish different weights.
         if value is not None and not _COMMIT_SHA.fullmatch(value):
             raise ValueError(f"{value!r} is not a 40-character commit sha: pin the exact revision")
+        return value
+
+    @field_validator("filename")
+    @classmethod
+    def _repo_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        # A path inside the repo, never out of the download folder; huggingface_hub refuses '..' too.
+        if value.startswith("/") or "\\" in value or any(part in ("", ".", "..") for part in value.split("/")):
+            raise ValueError(f"{value!r} must be a file's path inside the repository, like 'model.safetensors'")
+        return check_weights_file(value)
+
+    @field_validator("path")
+    @classmethod
+    def _no_pickle(cls, value: Path | None) -> Path | None:
+        if value is not None and value.suffix.lower() in (*PICKLE_SUFFIXES, CHECKPOINT_SUFFIX):
+            check_weights_file(value.name)
         return value
 
     @model_validator(mode="after")
@@ -125,22 +163,61 @@ class ModelSource(_Strict):
             raise ValueError("'revision' is required with 'repo': pin a commit sha")
         if self.path is not None and self.revision is not None:
             raise ValueError("'revision' only applies to 'repo', not to a local 'path'")
+        if self.path is not None and self.filename is not None:
+            raise ValueError("'filename' only applies to 'repo'; give a local file as 'path'")
         return self
 
     @property
+    def is_single_file(self) -> bool:
+        """Whether this is one checkpoint file rather than a diffusers folder or repository."""
+        return self.filename is not None or (self.path is not None and self.path.suffix.lower() == CHECKPOINT_SUFFIX)
+
+    @property
     def model_id(self) -> str:
-        """The Hub id, or the local folder's name."""
+        """The Hub id, or the local folder's (or file's) name."""
         return self.repo or Path(self.path or "").name
+
+    @property
+    def display(self) -> str:
+        """How the card and messages name it: the Hub file, or the local file's or folder's name."""
+        if self.repo is not None:
+            return f"{self.repo}/{self.filename}" if self.filename else self.repo
+        return Path(self.path or "").name
+
+
+class SingleFile(ModelSource):
+    """A ``.safetensors`` file: local, or in a Hub repo at a pinned revision."""
+
+    @model_validator(mode="after")
+    def _a_file(self) -> SingleFile:
+        if not self.is_single_file:
+            raise ValueError("give a .safetensors file: 'path' to it, or 'repo', 'revision' and 'filename'")
+        return self
+
+
+class Lora(SingleFile):
+    """A LoRA fused into the weights before conversion, in diffusers/PEFT or kohya format."""
+
+    scale: Annotated[float, Field(gt=-8, lt=8)] = 1.0
 
 
 class Source(ModelSource):
     """Where the diffusers pipeline comes from, and the single models that replace or join it."""
 
     family: Literal["sd1", "sd2", "sdxl"] | None = None
-    # Replaces the pipeline's VAE, e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in fp16.
+    # A single-file checkpoint's architecture: a diffusers pipeline folder of configs (and tokenizers), for
+    # architectures that are not a shipped family (distilled or small UNets). Default: the family's shipped one.
+    config: Path | None = None
+    # Replaces the pipeline's VAE, e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in float16.
     vae: ModelSource | None = None
     # A diffusers ControlNetModel, converted as the `controlnet` component.
     controlnet: ModelSource | None = None
+    loras: tuple[Lora, ...] = ()
+
+    @property
+    def needs_assembly(self) -> bool:
+        """Whether diffusers cannot load the source as one pipeline folder: it is assembled into one first."""
+        return self.is_single_file or bool(self.loras) or (self.vae is not None and self.vae.is_single_file)
 
 
 class PublishTarget(_Strict):
@@ -601,8 +678,11 @@ def _resolve_origin(origin: ModelSource, base: Path) -> ModelSource:
 def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     source, card = recipe.source, recipe.card
     source = _resolve_origin(source, base)
-    extras = {name: _resolve_origin(getattr(source, name), base) for name in ("vae", "controlnet")
-              if getattr(source, name) is not None}
+    extras: dict[str, Any] = {name: _resolve_origin(getattr(source, name), base) for name in ("vae", "controlnet")
+                              if getattr(source, name) is not None}
+    extras["loras"] = tuple(_resolve_origin(lora, base) for lora in source.loras)
+    if source.config is not None and not source.config.is_absolute():
+        extras["config"] = (base / source.config).resolve()
     source = source.model_copy(update=extras)
     if card.template is not None and not card.template.is_absolute():
         card = card.model_copy(update={"template": (base / card.template).resolve()})
@@ -618,6 +698,36 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     return recipe.model_copy(update={"source": source, "card": card, "compression": compression})
 
 
+def _check_local_files(source: Source) -> tuple[tuple[Any, ...], str] | None:
+    """The local paths exist and are what the recipe takes them for: folders with their index, or files."""
+    if source.path is not None and source.is_single_file and not source.path.is_file():
+        return ("source", "path"), f"{source.path} does not exist"
+    if source.path is not None and not source.is_single_file and not (source.path / "model_index.json").is_file():
+        return ("source", "path"), (f"{source.path} is not a diffusers pipeline folder (no model_index.json) nor a"
+                                    " .safetensors checkpoint")
+    if source.config is not None and not source.is_single_file:
+        return ("source", "config"), "only applies to a single-file checkpoint source; a pipeline has its own configs"
+    if source.config is not None and not (source.config / "model_index.json").is_file():
+        return ("source", "config"), (f"{source.config} is not a diffusers pipeline folder of configs"
+                                      " (no model_index.json)")
+    for name in ("vae", "controlnet"):
+        model: ModelSource | None = getattr(source, name)
+        if model is None or model.path is None:
+            continue
+        if model.is_single_file and name == "controlnet":
+            return ("source", name, "path"), "a ControlNet is loaded from a diffusers folder or repo, not one file"
+        if model.is_single_file and not model.path.is_file():
+            return ("source", name, "path"), f"{model.path} does not exist"
+        if not model.is_single_file and not (model.path / "config.json").is_file():
+            return ("source", name, "path"), f"{model.path} is not a diffusers model folder (no config.json)"
+    if source.controlnet is not None and source.controlnet.filename is not None:
+        return ("source", "controlnet", "filename"), "a ControlNet is loaded from a diffusers repo, not one file"
+    for index, lora in enumerate(source.loras):
+        if lora.path is not None and not lora.path.is_file():
+            return ("source", "loras", index, "path"), f"{lora.path} does not exist"
+    return None
+
+
 def is_inside(path: Path, folder: Path) -> bool:
     """Whether ``path``, with every symlink resolved, lies within ``folder`` (itself resolved)."""
     return path.resolve().is_relative_to(folder.resolve())
@@ -626,12 +736,9 @@ def is_inside(path: Path, folder: Path) -> bool:
 def _cross_check(recipe: Recipe, data: dict[str, Any], folder: Path) -> tuple[tuple[Any, ...], str] | None:
     """Checks that span several fields; returns the first problem's location and message."""
     source = recipe.source
-    if source.path is not None and not (source.path / "model_index.json").is_file():
-        return ("source", "path"), f"{source.path} is not a diffusers pipeline folder (no model_index.json)"
-    for name in ("vae", "controlnet"):
-        model: ModelSource | None = getattr(source, name)
-        if model is not None and model.path is not None and not (model.path / "config.json").is_file():
-            return ("source", name, "path"), f"{model.path} is not a diffusers model folder (no config.json)"
+    problem = _check_local_files(source)
+    if problem:
+        return problem
     template = recipe.card.template
     if template is not None and not is_inside(template, folder):
         # A merged recipe runs in CI beside HF_TOKEN: a template path is how /proc/self/environ would

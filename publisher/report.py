@@ -10,13 +10,14 @@ import json
 import platform
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 import psutil
 from pydantic import BaseModel, Field
 
 REPORT_NAME = "publish_report.json"
 SCHEMA_VERSION = 1
-TOOLS = ("coreml-publisher", "coremltools", "torch", "diffusers", "transformers", "huggingface_hub", "numpy")
+TOOLS = ("coreml-publisher", "coremltools", "torch", "diffusers", "transformers", "peft", "huggingface_hub", "numpy")
 # Measured while a run runs rather than determined by what it publishes: a cold cache re-measures every stage,
 # so two runs of the same recipe, sources and tools differ in these and in nothing else.
 MEASURED_COSTS: dict = {
@@ -92,6 +93,18 @@ class Machine(BaseModel):
         )
 
 
+class SourceInput(BaseModel):
+    """A file the published weights were made from: a single-file checkpoint, a VAE file or a fused LoRA."""
+
+    role: Literal["checkpoint", "vae", "lora"]
+    name: str = Field(description="'<repo>/<filename>' on the Hub, or the local file's name")
+    repo: str | None = None
+    revision: str | None = None
+    filename: str
+    sha256: str
+    scale: float | None = Field(default=None, description="A LoRA's fusing scale")
+
+
 class PublishReport(BaseModel):
     schema_version: int = SCHEMA_VERSION
     recipe_name: str
@@ -109,6 +122,9 @@ class PublishReport(BaseModel):
     image_size: int
     tool_versions: dict[str, str]
     card_tags: list[str] = Field(default_factory=list)
+    inputs: list[SourceInput] = Field(
+        default_factory=list, description="The single files the weights were assembled from, with their sha256"
+    )
     source_warnings: list[str] = Field(
         default_factory=list, description="What could not be read from the source (its model card), in words"
     )

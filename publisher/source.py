@@ -15,7 +15,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,10 +23,11 @@ import yaml
 from huggingface_hub import HfApi, ModelCard, constants, get_token, hf_hub_download, snapshot_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
 
+from publisher.checkpoint import Assembly, check_single_file_source
 from publisher.components import component_spec
 from publisher.errors import PublisherError, RecipeError
 from publisher.hub_errors import HubCall, hub_errors, retry_notes
-from publisher.recipe import ModelSource, Recipe
+from publisher.recipe import ModelSource, Recipe, Source
 from publisher.source_check import (
     CONTROLNET_CLASS,
     FAST_TOKENIZER_FILE,
@@ -64,6 +65,8 @@ class LoadedSource:
     revision: str | None
     controlnet: Any = None
     recipe: Recipe | None = None
+    assembly: Assembly | None = None
+    """The pipeline assembled for a source diffusers cannot load as one pipeline (publisher.checkpoint)."""
     model_classes: dict[str, str] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)
     warnings: list[str] = field(default_factory=list)
@@ -78,13 +81,13 @@ class LoadedSource:
         """
         missing = [name for name in dict.fromkeys(models) if name not in self.loaded]
         for name in missing:
-            self._install(name, _model(self.recipe, self.model_classes, name, weights=True))
+            self._install(name, _model(self.recipe, self.assembly, self.model_classes, name, weights=True))
         self.loaded.update(missing)
         try:
             yield
         finally:
             for name in missing:
-                self._install(name, _model(self.recipe, self.model_classes, name, weights=False))
+                self._install(name, _model(self.recipe, self.assembly, self.model_classes, name, weights=False))
             self.loaded.difference_update(missing)
             release_memory()
 
@@ -197,6 +200,8 @@ def inspect_source(recipe: Recipe) -> SourceInfo:
             recipe converts a component the source lacks.
     """
     source = recipe.source
+    if source.needs_assembly:
+        return _inspect_assembly(recipe)
     index = check_source(recipe)
     if index is None:
         return SourceInfo(family=source.family, components=(), license=None)
@@ -204,6 +209,23 @@ def inspect_source(recipe: Recipe) -> SourceInfo:
     family = source.family or detect_family(index, _read_json(source.path / "unet" / "config.json"))
     _check_components(recipe, present, family)
     return SourceInfo(family=family, components=present, license=_license_from_card(source.path / "README.md"))
+
+
+def _inspect_assembly(recipe: Recipe) -> SourceInfo:
+    """A source publisher.checkpoint assembles: its local files' headers, and the architecture it loads into."""
+    source = recipe.source
+    checkpoint, index = check_single_file_source(source)
+    if source.is_single_file:
+        check_source(recipe.model_copy(update={"source": source.model_copy(update={"path": None})}))
+        if index is None:
+            return SourceInfo(family=source.family, components=(), license=None)
+        present = tuple(name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None)
+        family = checkpoint.family if checkpoint else source.family or "sd1"
+        _check_components(recipe, present, family)
+        return SourceInfo(family=family, components=present, license=None)
+    # A pipeline with LoRAs or a VAE file: the pipeline itself is checked as always.
+    info = inspect_source(recipe.model_copy(update={"source": source.model_copy(update={"loras": (), "vae": None})}))
+    return info
 
 
 def release_memory() -> None:
@@ -233,32 +255,41 @@ def _check_components(recipe: Recipe, present: tuple[str, ...], family: Family) 
         raise RecipeError(f"{recipe.file}: conversion.components: text_encoder_2 needs an sdxl source, not {family}")
 
 
-def load_source(recipe: Recipe, models: tuple[str, ...] | None = None) -> LoadedSource:
+def load_source(recipe: Recipe, models: tuple[str, ...] | None = None,
+                assembly: Assembly | None = None) -> LoadedSource:
     """Load the pipeline with diffusers' own loader (a local folder or a pinned Hub revision).
 
     ``models`` names the models whose weights are loaded now (pipeline folders such as ``unet``,
     plus ``controlnet``); the others are built empty on the meta device, so their configs still
     answer shape questions, and :meth:`LoadedSource.weights` loads them when a stage needs them.
     All models load when ``models`` is None.
+
+    A source that ``recipe.source.needs_assembly`` (a single file, a VAE file, LoRAs) loads from ``assembly``,
+    the pipeline :func:`publisher.checkpoint.assemble_source` saved for it; its license is still the source's.
     """
     import torch
     from diffusers import DiffusionPipeline
 
-    info = inspect_source(recipe)
     source = recipe.source
-    location = _location(source)
-    if source.repo is not None:  # a local pipeline was checked by inspect_source
+    if source.needs_assembly and assembly is None:
+        raise PublisherError(f"{source.display} is loaded from the pipeline assembled for it (publisher.checkpoint)")
+    info = inspect_source(recipe)
+    if assembly is not None and assembly.family is not None:
+        info = replace(info, family=assembly.family)
+    location = str(assembly.folder) if assembly is not None else _location(source)
+    revision = None if assembly is not None else source.revision
+    if source.repo is not None and assembly is None:  # a local pipeline was checked by inspect_source
         check_source(recipe, snapshot=_hub_configs(source))
-    model_index = _model_index(location, source.revision)
+    model_index = _model_index(location, revision)
     classes = _torch_models(model_index)
     if source.controlnet is not None:
         classes["controlnet"] = CONTROLNET_CLASS
     loaded = set(classes if models is None else set(models) & set(classes))
 
     def separate(name: str) -> bool:  # not in the pipeline's folders: from_pretrained cannot load it
-        return name == "controlnet" or (name == "vae" and source.vae is not None)
+        return name == "controlnet" or (name == "vae" and _separate_vae(source))
 
-    given = {name: _model(recipe, classes, name, weights=name in loaded)
+    given = {name: _model(recipe, assembly, classes, name, weights=name in loaded)
              for name in classes if separate(name) or name not in loaded}
     controlnet = given.pop("controlnet", None)
     if "safety_checker" in model_index:  # never converted; only SD 1.x/2.x pipelines name one
@@ -267,7 +298,7 @@ def load_source(recipe: Recipe, models: tuple[str, ...] | None = None) -> Loaded
         # use_safetensors: a pickle is refused, not unpickled (torch.load on user input runs code); the check of a
         # local source refuses it earlier, a Hub source's weights are only seen here.
         pipe = DiffusionPipeline.from_pretrained(
-            location, revision=source.revision, torch_dtype=torch.float32, use_safetensors=True, **given
+            location, revision=revision, torch_dtype=torch.float32, use_safetensors=True, **given
         )
     except OSError as exc:
         raise _load_error("the source pipeline", location, exc) from None
@@ -275,28 +306,35 @@ def load_source(recipe: Recipe, models: tuple[str, ...] | None = None) -> Loaded
     warnings: list[str] = []
     if source.repo is not None:
         license_id = _hub_license(source.repo, source.revision, warnings)
+    if info.family is None:
         family = source.family or detect_family(model_index, dict(pipe.unet.config))
         _check_components(recipe, tuple(name for name, value in pipe.components.items() if value is not None), family)
     else:
-        family = info.family or "sd1"
+        family = info.family
     for module in (*pipe.components.values(), controlnet):
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
-    return LoadedSource(pipe=pipe, family=family, license=license_id, revision=source.revision,
-                        controlnet=controlnet, recipe=recipe, model_classes=classes, loaded=loaded, warnings=warnings)
+    return LoadedSource(pipe=pipe, family=family, license=license_id, revision=source.revision, controlnet=controlnet,
+                        recipe=recipe, assembly=assembly, model_classes=classes, loaded=loaded, warnings=warnings)
 
 
-def _model(recipe: Recipe, classes: dict[str, str], name: str, *, weights: bool) -> Any:
-    """One model of the source, with its weights or empty: a pipeline folder, the recipe's separate
-    VAE, or its ControlNet."""
+def _separate_vae(source: Source) -> bool:
+    """Whether the VAE loads from a folder of its own (a VAE file is part of the assembled pipeline)."""
+    return source.vae is not None and not source.vae.is_single_file
+
+
+def _model(recipe: Recipe, assembly: Assembly | None, classes: dict[str, str], name: str, *, weights: bool) -> Any:
+    """One model of the source, with its weights or empty: a pipeline folder (the assembled one, if any), the
+    recipe's separate VAE, or its ControlNet."""
     source = recipe.source
-    origin, subfolder = source, name
-    if name == "controlnet":
-        origin, subfolder = source.controlnet, None
-    elif name == "vae" and source.vae is not None:
-        origin, subfolder = source.vae, None
     build = _load_model if weights else _empty_model
-    return build(classes[name], _location(origin), origin.revision, subfolder)
+    if name == "controlnet":
+        return build(classes[name], _location(source.controlnet), source.controlnet.revision, None)
+    if name == "vae" and _separate_vae(source):
+        return build(classes[name], _location(source.vae), source.vae.revision, None)
+    if assembly is not None:
+        return build(classes[name], str(assembly.folder), None, name)
+    return build(classes[name], _location(source), source.revision, name)
 
 
 def _location(origin: ModelSource) -> str:

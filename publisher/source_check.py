@@ -86,7 +86,7 @@ def check_source(recipe: Recipe, snapshot: Path | None = None) -> dict[str, Any]
     separate = {"vae": (source.vae, classes.get("vae") or _library_class("diffusers", "AutoencoderKL")),
                 "controlnet": (source.controlnet, _library_class("diffusers", CONTROLNET_CLASS))}
     for name, (origin, cls) in separate.items():
-        if origin is not None and origin.path is not None:
+        if origin is not None and origin.path is not None and not origin.is_single_file:  # a file: checkpoint.py
             folders[name] = origin.path
             configs[name] = _check_component(origin.path, cls, weights=True)
     _check_cross_attention(folders, configs)

@@ -91,6 +91,55 @@ SHA = "0" * 40
 # (name, yaml text, expected line, expected message fragment)
 BAD = [
     (
+        "pickle-checkpoint-path",
+        VALID.replace(f"path: {TINY_SOURCE}", "path: model.ckpt"),
+        3,
+        "source.path: model.ckpt is a pickle checkpoint (.ckpt): loading one runs any code it holds",
+    ),
+    (
+        "pickle-checkpoint-hub",
+        VALID.replace(f"path: {TINY_SOURCE}", "repo: me/model\n  revision: " + "a" * 40 + "\n  filename: v1.pt"),
+        5,
+        "source.filename: v1.pt is a pickle checkpoint (.pt)",
+    ),
+    (
+        "pickle-lora",
+        VALID.replace("target:", "  loras:\n    - path: style.bin\ntarget:"),
+        5,
+        "source.loras.0.path: style.bin is a pickle checkpoint (.bin)",
+    ),
+    (
+        "lora-not-a-file",
+        VALID.replace("target:", f"  loras:\n    - path: {TINY_SOURCE}\ntarget:"),
+        5,
+        "source.loras.0: give a .safetensors file",
+    ),
+    (
+        "hub-filename-escapes",
+        VALID.replace(f"path: {TINY_SOURCE}", "repo: me/model\n  revision: " + "a" * 40
+                      + "\n  filename: ../../x.safetensors"),
+        5,
+        "source.filename: '../../x.safetensors' must be a file's path inside the repository",
+    ),
+    (
+        "filename-with-path",
+        VALID.replace(f"path: {TINY_SOURCE}", f"path: {TINY_SOURCE}\n  filename: model.safetensors"),
+        2,
+        "'filename' only applies to 'repo'",
+    ),
+    (
+        "config-without-single-file",
+        VALID.replace("target:", f"  config: {TINY_SOURCE}\ntarget:"),
+        4,
+        "source.config: only applies to a single-file checkpoint source",
+    ),
+    (
+        "missing-checkpoint-file",
+        VALID.replace(f"path: {TINY_SOURCE}", "path: nowhere/model.safetensors"),
+        3,
+        "model.safetensors does not exist",
+    ),
+    (
         "nbits-5",
         VALID.replace("nbits: 6", "nbits: 5"),
         11,
