@@ -187,6 +187,12 @@ class ConformancePlugin:
         if config.getoption("conformance_fast"):
             keep, fast_drop = _fast_subset(keep)
             drop += fast_drop
+        every = config.getoption("conformance_every")
+        if every > 1:
+            # A deterministic sample of a huge parametrization (recurrent, NMS stress): the same
+            # tests before and after a change.
+            drop += [item for i, item in enumerate(keep) if i % every]
+            keep = keep[::every]
         if drop:
             config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -289,6 +295,9 @@ def _fast_subset(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pyte
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("conformance", "executor conformance (coremltools op tests)")
     group.addoption("--conformance-fast", action="store_true", help="run only the fast subset (FAST_TESTS)")
+    group.addoption(
+        "--conformance-every", type=int, default=1, help="run every Nth selected test only (a fixed sample)"
+    )
     group.addoption("--conformance-table", default="", help="write the per-family markdown table to this file")
     group.addoption("--conformance-log", default="", help="append one JSON line per finished test to this file")
 

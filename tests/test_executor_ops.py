@@ -1594,6 +1594,308 @@ case(
     exact=True,
 )
 
+# ============================================================================ image resizing, sampling
+
+
+GRID_X = randn(2, 3, 4, 5)
+case(
+    "iOS16",
+    "crop",
+    "crop",
+    {"x": GRID_X},
+    lambda x: mb.crop(x=x, crop_height=[1, 2], crop_width=[0, 3]),
+    lambda x: x[..., 1:2, 0:2],
+    exact=True,
+)
+RAMP = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+
+
+def _ramp_at(rows, cols, pad=None):
+    # RAMP[r, c] = 4r + c, so bilinear sampling of it is exact; positions outside read `pad`.
+    rows, cols = np.asarray(rows)[:, None], np.asarray(cols)[None, :]
+    value = 4 * rows + cols
+    if pad is not None:
+        value = np.where((rows >= 0) & (rows <= 3) & (cols >= 0) & (cols <= 3), value, pad)
+    return value.astype(np.float32)
+
+
+case(
+    "iOS17",
+    "crop_resize-boxes-pad",
+    "crop_resize",
+    {"x": RAMP},
+    lambda x: mb.crop_resize(
+        x=x,
+        boxes=np.array([[1, 1, 2, 2], [0.5, 0.0, 2.5, 6.0]], np.float32),
+        box_indices=np.array([0, 0], np.int32),
+        target_height=3,
+        target_width=2,
+        sampling_mode="ALIGN_CORNERS",
+        pad_value=-1.0,
+    ),
+    lambda x: np.stack([_ramp_at([1, 1.5, 2], [1, 2], -1), _ramp_at([0.5, 1.5, 2.5], [0, 6], -1)]).reshape(2, 1, 3, 2),
+)
+SAMPLE_X, SAMPLE_AT = randn(2, 3, 4, 5), uniform(-1.3, 1.3, 2, 3, 6, 2)
+
+
+def _grid_sample(x, grid, padding, align):
+    return F.grid_sample(
+        torch.from_numpy(x), torch.from_numpy(grid), mode="bilinear", padding_mode=padding, align_corners=align
+    ).numpy()
+
+
+# Without align_corners torch reflects about the pixel edges; MIL pads the pixel grid itself
+# ("|1, 2, 3| -> |2, 3, 2, 1, 2, 3, 2, 1, 2|"), which torch's reflection matches only when aligned.
+for _padding, _torch_padding, _aligns in (
+    ("constant", "zeros", (True, False)),
+    ("border", "border", (True, False)),
+    ("reflection", "reflection", (True,)),
+):
+    for _align in _aligns:
+        case(
+            "iOS16",
+            f"resample-{_padding}-align={_align}",
+            "resample",
+            {"x": SAMPLE_X, "at": SAMPLE_AT},
+            lambda x, at, _padding=_padding, _align=_align: mb.resample(
+                x=x,
+                coordinates=at,
+                sampling_mode="bilinear",
+                padding_mode=_padding,
+                padding_value=0.0,
+                coordinates_mode="normalized_minus_one_to_one",
+                align_corners=_align,
+            ),
+            lambda x, at, _torch_padding=_torch_padding, _align=_align: _grid_sample(x, at, _torch_padding, _align),
+            tol=1e-5,
+        )
+THETA = np.array([[0.8, -0.3, 0.1, 0.2, 1.1, -0.2], [1.2, 0.1, 0.0, -0.1, 0.9, 0.3]], np.float32)
+case(
+    "iOS16",
+    "affine",
+    "affine",
+    {"x": SAMPLE_X, "m": THETA},
+    lambda x, m: mb.affine(
+        x=x,
+        transform_matrix=m,
+        output_height=3,
+        output_width=7,
+        sampling_mode="bilinear",
+        padding_mode="constant",
+        padding_value=0.0,
+        coordinates_mode="normalized_minus_one_to_one",
+        align_corners=True,
+    ),
+    lambda x, m: _grid_sample(
+        x,
+        F.affine_grid(torch.from_numpy(m.reshape(2, 2, 3)), [2, 3, 3, 7], align_corners=True).numpy(),
+        "zeros",
+        True,
+    ),
+    tol=1e-5,
+)
+case(
+    "iOS17",
+    "resize-linear-align-corners",
+    "resize",
+    {"x": GRID_X},
+    lambda x: mb.resize(
+        x=x, shape=[7, 3], resized_dims=np.uint32(2), interpolation_mode="LINEAR", sampling_mode="ALIGN_CORNERS"
+    ),
+    lambda x: F.interpolate(torch.from_numpy(x), size=(7, 3), mode="bilinear", align_corners=True).numpy(),
+)
+case(
+    "iOS17",
+    "resize-nearest-one-dim",
+    "resize",
+    {"x": np.array([[-6.0, 9.0]], np.float32)},
+    lambda x: mb.resize(
+        x=x, shape=[3], resized_dims=np.uint32(1), interpolation_mode="NEAREST_NEIGHBOR", sampling_mode="DEFAULT"
+    ),
+    # DEFAULT samples 2 -> 3 at 0, 2/3, 4/3, rounded to the nearest input.
+    lambda x: np.array([[-6.0, 9.0, 9.0]], np.float32),
+    exact=True,
+)
+
+# ============================================================================ normalization, layout
+
+
+def _lrn_ref(x, size, alpha, beta, k):
+    channels = x.shape[1]
+    out = np.empty_like(x)
+    for c in range(channels):
+        window = x[:, max(0, c - size // 2) : min(channels, c + (size - 1) // 2 + 1)]
+        out[:, c] = x[:, c] / (k + alpha / size * np.square(window).sum(axis=1)) ** beta
+    return out
+
+
+case(
+    "iOS16",
+    "local_response_norm",
+    "local_response_norm",
+    {"x": randn(2, 6, 3, 3)},
+    lambda x: mb.local_response_norm(x=x, size=4, alpha=0.3, beta=0.6, k=1.5),
+    lambda x: _lrn_ref(x, 4, 0.3, 0.6, 1.5),
+)
+
+
+def _reverse_sequence_ref(x, lengths):
+    out = x.copy()
+    for b, n in enumerate(lengths):
+        out[:n, b] = x[:n, b][::-1]
+    return out
+
+
+case(
+    "iOS16",
+    "reverse_sequence-seq0-batch1",
+    "reverse_sequence",
+    {"x": randn(5, 3, 2), "lengths": np.array([5, 0, 3], np.int32)},
+    lambda x, lengths: mb.reverse_sequence(x=x, lengths=lengths, seq_axis=0, batch_axis=1),
+    _reverse_sequence_ref,
+    exact=True,
+)
+S2B_X = randn(2, 3, 4, 3)
+
+
+def _space_to_batch_ref(x, bh, bw):
+    n, c, h, w = x.shape
+    out = np.empty((bh * bw * n, c, h // bh, w // bw), x.dtype)
+    for i in range(bh):
+        for j in range(bw):
+            out[(i * bw + j) * n : (i * bw + j + 1) * n] = x[:, :, i::bh, j::bw]
+    return out
+
+
+case(
+    "iOS16",
+    "space_to_batch",
+    "space_to_batch",
+    {"x": S2B_X},
+    lambda x: mb.space_to_batch(x=x, block_shape=[2, 2], paddings=[[0, 0], [1, 0]]),
+    lambda x: _space_to_batch_ref(np.pad(x, [(0, 0), (0, 0), (0, 0), (1, 0)]), 2, 2),
+    exact=True,
+)
+
+
+def _batch_to_space_ref(x, bh, bw):
+    b, c, h, w = x.shape
+    n = b // (bh * bw)
+    out = np.empty((n, c, h * bh, w * bw), x.dtype)
+    for i in range(bh):
+        for j in range(bw):
+            out[:, :, i::bh, j::bw] = x[(i * bw + j) * n : (i * bw + j + 1) * n]
+    return out
+
+
+case(
+    "iOS16",
+    "batch_to_space",
+    "batch_to_space",
+    {"x": randn(8, 3, 2, 2)},
+    lambda x: mb.batch_to_space(x=x, block_shape=[2, 2], crops=[[0, 1], [1, 0]]),
+    lambda x: _batch_to_space_ref(x, 2, 2)[:, :, 0:3, 1:4],
+    exact=True,
+)
+
+
+# ============================================================================ recurrent
+
+SEQ_X, SEQ_H, SEQ_C = randn(4, 2, 3), randn(2, 5), randn(2, 5)
+RNN_W, RNN_R, RNN_B = randn(5, 3), randn(5, 5), randn(5)
+
+
+def _rnn_ref(x, h):
+    outputs = []
+    for t in reversed(range(x.shape[0])):
+        h = np.tanh(x[t] @ RNN_W.T + h @ RNN_R.T + RNN_B)
+        outputs.append(h)
+    return np.stack(outputs), h
+
+
+case(
+    "iOS16",
+    "rnn-reverse",
+    "rnn",
+    {"x": SEQ_X, "h": SEQ_H},
+    lambda x, h: mb.rnn(
+        x=x, initial_h=h, weight_ih=RNN_W, weight_hh=RNN_R, bias=RNN_B, direction="reverse", output_sequence=True
+    ),
+    _rnn_ref,
+    tol=1e-5,
+)
+with torch.random.fork_rng():
+    torch.manual_seed(0)
+    TORCH_GRU = torch.nn.GRU(3, 5).requires_grad_(False)
+    TORCH_LSTM = torch.nn.LSTM(3, 5, bidirectional=True).requires_grad_(False)
+
+
+def _rzn_to_ron(t):
+    # torch orders GRU gates (reset, update, new); MIL (reset, output, update).
+    r, z, n = np.split(t.numpy(), 3)
+    return np.concatenate([r, n, z])
+
+
+def _ifgo_to_ifog(t):
+    # torch orders LSTM gates (input, forget, cell, output); MIL (input, forget, output, cell).
+    i, f, g, o = np.split(t.numpy(), 4)
+    return np.concatenate([i, f, o, g])
+
+
+case(
+    "iOS18",
+    "gru-reset-after-vs-torch",
+    "gru",
+    {"x": SEQ_X, "h": SEQ_H},
+    lambda x, h: mb.gru(
+        x=x,
+        initial_h=h,
+        weight_ih=_rzn_to_ron(TORCH_GRU.weight_ih_l0),
+        weight_hh=_rzn_to_ron(TORCH_GRU.weight_hh_l0),
+        input_bias=_rzn_to_ron(TORCH_GRU.bias_ih_l0),
+        bias=_rzn_to_ron(TORCH_GRU.bias_hh_l0),
+        reset_after=True,
+        output_sequence=True,
+    ),
+    lambda x, h: _gru_ref(x, h),
+    tol=1e-5,
+)
+
+
+def _gru_ref(x, h):
+    out, hn = TORCH_GRU(torch.from_numpy(x), torch.from_numpy(h)[None])
+    return out.numpy(), hn[0].numpy()
+
+
+def _lstm_ref(x, h, c):
+    # Both directions start from (h, c); MIL concatenates the directions along the hidden axis.
+    both = [torch.from_numpy(v)[None].expand(2, *v.shape) for v in (h, c)]
+    out, (hn, cn) = TORCH_LSTM(torch.from_numpy(x), tuple(both))
+    return out.numpy(), torch.cat(list(hn), -1).numpy(), torch.cat(list(cn), -1).numpy()
+
+
+case(
+    "iOS16",
+    "lstm-bidirectional-vs-torch",
+    "lstm",
+    {"x": SEQ_X, "h": SEQ_H, "c": SEQ_C},
+    lambda x, h, c: mb.lstm(
+        x=x,
+        initial_h=mb.concat(values=[h, h], axis=-1),
+        initial_c=mb.concat(values=[c, c], axis=-1),
+        weight_ih=_ifgo_to_ifog(TORCH_LSTM.weight_ih_l0),
+        weight_hh=_ifgo_to_ifog(TORCH_LSTM.weight_hh_l0),
+        bias=_ifgo_to_ifog(TORCH_LSTM.bias_ih_l0 + TORCH_LSTM.bias_hh_l0),
+        weight_ih_back=_ifgo_to_ifog(TORCH_LSTM.weight_ih_l0_reverse),
+        weight_hh_back=_ifgo_to_ifog(TORCH_LSTM.weight_hh_l0_reverse),
+        bias_back=_ifgo_to_ifog(TORCH_LSTM.bias_ih_l0_reverse + TORCH_LSTM.bias_hh_l0_reverse),
+        direction="bidirectional",
+        output_sequence=True,
+    ),
+    _lstm_ref,
+    tol=1e-5,
+)
+
 # ============================================================================ fp16 programs
 
 H_X, H_Y = randn(2, 3, 4).astype(np.float16), randn(2, 3, 4).astype(np.float16)
@@ -1670,8 +1972,16 @@ def test_op_matches_reference(group, case_, executed):
             np.testing.assert_allclose(g, e, rtol=case_.tol, atol=case_.tol)
 
 
-# Ops that need a stateful program, which a case group cannot hold: tests/test_executor_states.py.
-TESTED_ELSEWHERE = {"read_state", "coreml_update_state"}
+# Ops that need a stateful program, which a case group cannot hold (tests/test_executor_states.py),
+# and random ops, checked by distribution (tests/test_executor_random.py).
+TESTED_ELSEWHERE = {
+    "read_state",
+    "coreml_update_state",
+    "random_bernoulli",
+    "random_categorical",
+    "random_normal",
+    "random_uniform",
+}
 
 
 def test_every_op_in_the_table_is_tested():
@@ -1682,9 +1992,10 @@ def test_every_op_in_the_table_is_tested():
 def test_unknown_op_raises_naming_op_opset_and_package(tmp_path):
     @mb.program(input_specs=[mb.TensorSpec(shape=(1, 3, 4, 4))], opset_version=ct.target.iOS17)
     def prog(x):
-        return mb.local_response_norm(x=x, size=3)
+        boxes, scores = mb.reshape(x=x, shape=[1, 12, 4]), mb.reshape(x=x, shape=[1, 12, 4])
+        return mb.non_maximum_suppression(boxes=boxes, scores=scores, iou_threshold=0.5, max_boxes=2)[0]
 
-    package = tmp_path / "lrn.mlpackage"
+    package = tmp_path / "nms.mlpackage"
     ct.convert(
         prog,
         convert_to="mlprogram",
@@ -1695,7 +2006,7 @@ def test_unknown_op_raises_naming_op_opset_and_package(tmp_path):
         load_program(package)
     assert isinstance(info.value, PublisherError)
     message = str(info.value)
-    assert "local_response_norm" in message and "iOS17" in message and str(package) in message
+    assert "non_maximum_suppression" in message and "iOS17" in message and str(package) in message
 
 
 def test_inputs_are_checked(executed):

@@ -15,14 +15,17 @@ from typing import Any
 import coremltools as ct
 import numpy as np
 import torch
+from coremltools import proto
 from coremltools.converters.mil.frontend.milproto import load as milproto
 from coremltools.converters.mil.mil import types
+from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
 
 from publisher.executor.constexpr import DECOMPRESSORS, as_tensor
 from publisher.executor.errors import ExecutorError, UnsupportedOpError
 from publisher.executor.ops import OPS, OpFn
 
 _OPSET_NAMES = {"CoreML5": "iOS15", "CoreML6": "iOS16", "CoreML7": "iOS17", "CoreML8": "iOS18"}
+_OPSET_TARGETS = {key: getattr(ct.target, name) for key, name in _OPSET_NAMES.items()}
 
 # MIL dtype -> dtype the executor holds values in. torch lacks arithmetic on uint16/uint32, so
 # those are held widened (their values fit) and narrowed again for the caller.
@@ -146,22 +149,110 @@ def _spec(name: str, var: Any) -> TensorSpec:
     return TensorSpec(name=name, shape=shape, dtype=_type_name(var))
 
 
-def _value_info(var: Any, component: str, opset: str, op_type: str) -> ValueInfo:
+def _value_info(var: Any, component: str, opset: str, op_type: str, declared: str | None = None) -> ValueInfo:
+    """`declared`: the package's dtype for the value where the reader was given another (see
+    _accept_what_core_ml_accepts); results are rounded to what the package declares."""
     if not types.is_tensor(var.sym_type) and not types.is_scalar(var.sym_type):
         raise UnsupportedOpError(op_type, opset, component, f"output '{var.name}' is not a tensor")
-    dtype = _HOLD_DTYPES.get(_type_name(var))
+    dtype_name = declared or _type_name(var)
+    dtype = _HOLD_DTYPES.get(dtype_name)
     if dtype is None:
-        raise UnsupportedOpError(op_type, opset, component, f"output dtype {_type_name(var)}")
+        raise UnsupportedOpError(op_type, opset, component, f"output dtype {dtype_name}")
     return ValueInfo(var.name, dtype, _static_shape(var))
 
 
-def _read_program(path: Path) -> tuple[Any, Any]:
+def _read_program(path: Path) -> tuple[Any, Any, dict[str, str]]:
     model = ct.models.MLModel(str(path), skip_model_load=True)
     spec = model.get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
         raise ExecutorError(f"{path}: not an ML Program (model type {spec.WhichOneof('Type')})")
+    narrowed = _accept_what_core_ml_accepts(spec)
     program = milproto.load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir or "")
-    return spec, program
+    return spec, program, narrowed
+
+
+def _accept_what_core_ml_accepts(spec: Any) -> dict[str, str]:
+    """Rewrite, in the spec read from the package, what Core ML runs but coremltools' reader rejects.
+
+    A variadic-rank value (fill with a shape of unknown length) becomes rank 1 of unknown size: the
+    reader cannot represent variadic ranks, and the executor never relies on declared shapes that
+    are not static. Mixed dtypes within one type domain (batch_norm with fp16 mean/variance and the
+    converter's fp32 default epsilon) get their constant operands widened (exact), see
+    _unify_type_domains. Returns the values redeclared fp32, by name, with their declared dtype.
+    """
+    narrowed: dict[str, str] = {}
+    for function in spec.mlProgram.functions.values():
+        dtypes = {value.name: value.type.tensorType.dataType for value in function.inputs}
+        for block in function.block_specializations.values():
+            for value_type in _value_types(block):
+                tensor = value_type.tensorType
+                if any(d.WhichOneof("dimension") == "unknown" and d.unknown.variadic for d in tensor.dimensions):
+                    del tensor.dimensions[:]
+                    tensor.rank = 1
+                    tensor.dimensions.add().unknown.variadic = False
+            narrowed.update(_unify_type_domains(block, _OPSET_TARGETS.get(function.opset), dtypes))
+    return narrowed
+
+
+_FP16, _FP32 = (proto.MIL_pb2.DataType.Value(name) for name in ("FLOAT16", "FLOAT32"))
+
+
+def _unify_type_domains(block: Any, target: Any, dtypes: dict[str, int]) -> dict[str, str]:
+    """Widen fp16 constants that share a type domain with fp32 operands, in place; see the caller.
+
+    The op's outputs declared fp16 in that domain are redeclared fp32 (what the reader infers), and
+    returned by name with their declared dtype: the executor still rounds them to it.
+    """
+    consts = {op.outputs[0].name: op for op in block.operations if op.type == "const"}
+    narrowed: dict[str, str] = {}
+    for op in block.operations:
+        dtypes.update({output.name: output.type.tensorType.dataType for output in op.outputs})
+        op_cls = SSAOpRegistry.core_ops.get(op.type, {}).get(target)
+        if op_cls is None:
+            continue
+        domains: dict[str, list[str]] = {}
+        for name, argument in op.inputs.items():
+            input_type = op_cls.input_spec.input_types.get(name)
+            if len(argument.arguments) == 1 and getattr(input_type, "type_domain_id", None) is not None:
+                domains.setdefault(input_type.type_domain_id, []).append(argument.arguments[0].name)
+        for values in domains.values():
+            halves = [v for v in values if dtypes.get(v) == _FP16]
+            if not halves or _FP32 not in {dtypes.get(v) for v in values} or any(v not in consts for v in halves):
+                continue
+            if not all([_widen_const(consts[v]) for v in halves]):
+                continue
+            dtypes.update(dict.fromkeys(halves, _FP32))
+            # The reader types the outputs after the runtime operand; a domain of constants alone
+            # (iOS17 batch_norm's parameters) does not type them.
+            if all(v in consts for v in values):
+                continue
+            for output in op.outputs:
+                if output.type.tensorType.dataType == _FP16:
+                    output.type.tensorType.dataType = dtypes[output.name] = _FP32
+                    narrowed[output.name] = "fp16"
+    return narrowed
+
+
+def _widen_const(op: Any) -> bool:
+    """Rewrite an fp16 const holding an immediate value as fp32 (exact); False for file weights."""
+    tensor_type = op.outputs[0].type.tensorType
+    value = op.attributes["val"]
+    if value.WhichOneof("value") != "immediateValue":
+        return False
+    tensor = value.immediateValue.tensor
+    widened = np.frombuffer(tensor.bytes.values, dtype=np.float16).astype(np.float32)
+    tensor.ClearField("bytes")
+    tensor.floats.values.extend(widened.tolist())
+    tensor_type.dataType = value.type.tensorType.dataType = _FP32
+    return True
+
+
+def _value_types(block: Any) -> Any:
+    for op in block.operations:
+        for output in op.outputs:
+            yield output.type
+        for nested in op.blocks:
+            yield from _value_types(nested)
 
 
 def load_program(package: Path | str) -> LoadedProgram:
@@ -176,7 +267,7 @@ def load_program(package: Path | str) -> LoadedProgram:
         raise ExecutorError(f"{path}: no such model package")
     start = time.perf_counter()
     try:
-        spec, program = _read_program(path)
+        spec, program, narrowed = _read_program(path)
     except ExecutorError:
         raise
     except Exception as exc:
@@ -207,7 +298,7 @@ def load_program(package: Path | str) -> LoadedProgram:
             elif op.op_type.startswith("constexpr_"):
                 _decompress(op, constants, raw, component, opset)
             else:
-                steps.append(_compile(op, constants, raw, component, opset))
+                steps.append(_compile(op, constants, raw, component, opset, narrowed))
     _plan_release(steps, {v.name for v in function.outputs} | set(states))
     done = time.perf_counter()
     return LoadedProgram(
@@ -239,7 +330,14 @@ def _decompress(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any]
         constants[var.name] = tensor
 
 
-def _compile(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], component: str, opset: str) -> Step:
+def _compile(
+    op: Any,
+    constants: dict[str, torch.Tensor],
+    raw: dict[str, Any],
+    component: str,
+    opset: str,
+    narrowed: dict[str, str],
+) -> Step:
     impl = OPS.get(op.op_type)
     if impl is None or op.blocks:
         raise UnsupportedOpError(op.op_type, opset, component)
@@ -261,7 +359,7 @@ def _compile(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], c
             if value.name in raw:
                 raw_inputs[name] = raw[value.name]
             inputs[name] = bind(value)
-    outputs = tuple(_value_info(v, component, opset, op.op_type) for v in op.outputs)
+    outputs = tuple(_value_info(v, component, opset, op.op_type, narrowed.get(v.name)) for v in op.outputs)
     state_target = op.inputs["state"].name if op.op_type == "coreml_update_state" else None
     return Step(
         op_type=op.op_type,

@@ -1,0 +1,41 @@
+"""The op table: one small torch function per MIL op type, registered by name.
+
+Every function receives an `OpArgs` view of the op's inputs and returns a tensor (or a tuple of
+tensors for multi-output ops). Tensors come in the dtype the executor holds them in; the executor
+then casts each result to the dtype the Program declares for it (fp16 mode) or to fp32 (fp32 mode).
+
+Ops registered with `native_half=True` are single torch calls whose CPU half-precision kernels
+compute in fp32 and round once (elementwise math, matmul, softmax, sum/mean/max/min), or that only
+move data: in fp16 mode they run on fp16 tensors directly, which gives the result of computing in
+fp32 and rounding once (bit for bit, up to fp32 summation order in matmul), without the fp32 copies
+that would double the memory traffic of the UNet's attention. All other ops receive their
+floating-point inputs widened to fp32.
+
+One module per op family, as coremltools organises its MIL op definitions
+(coremltools/converters/mil/mil/ops/defs), whose semantics they follow. Importing this package
+registers every family.
+"""
+
+from publisher.executor.ops import (  # noqa: F401  (each module registers its ops on import)
+    activation,
+    control_flow,
+    conv,
+    elementwise_binary,
+    elementwise_unary,
+    image_resizing,
+    linear,
+    normalization,
+    pool,
+    quantization,
+    random,
+    recurrent,
+    reduction,
+    scatter_gather,
+    states,
+    tensor_operation,
+    tensor_transformation,
+    transformers,
+)
+from publisher.executor.ops.registry import OPS, OpArgs, OpFn, OpImpl, Result, register
+
+__all__ = ["OPS", "OpArgs", "OpFn", "OpImpl", "Result", "register"]

@@ -1,0 +1,130 @@
+"""The op table's machinery: `OpArgs`, the `OPS` registry and the `register` decorator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from publisher.executor.errors import ExecutorError
+
+Result = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+class OpArgs:
+    """The inputs of one op at run time: tensors by name, plus the raw values of constant inputs."""
+
+    __slots__ = ("_tensors", "_raw", "_widen", "out_dtypes")
+
+    def __init__(
+        self,
+        tensors: dict[str, Any],
+        raw: dict[str, Any],
+        widen: bool,
+        out_dtypes: Sequence[torch.dtype],
+    ) -> None:
+        self._tensors = tensors
+        self._raw = raw
+        self._widen = widen
+        self.out_dtypes = out_dtypes
+
+    def _prepare(self, t: torch.Tensor) -> torch.Tensor:
+        if self._widen and t.dtype == torch.float16:
+            return t.float()
+        return t
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self._tensors.get(name)
+        if t is None:
+            raise ExecutorError(f"input '{name}' is missing or is not a tensor")
+        return self._prepare(t)
+
+    def opt(self, name: str) -> torch.Tensor | None:
+        """The tensor input `name`, or None when the op was given none."""
+        t = self._tensors.get(name)
+        return None if t is None else self._prepare(t)
+
+    def many(self, name: str) -> list[torch.Tensor]:
+        """A tuple input (concat's `values`, einsum's `values`, ...)."""
+        return [self._prepare(t) for t in self._tensors[name]]
+
+    def value(self, name: str, default: Any = None) -> Any:
+        """A parameter's value as numpy/Python (const inputs, or a runtime tensor read back)."""
+        if name in self._raw and self._raw[name] is not None:
+            return self._raw[name]
+        t = self._tensors.get(name)
+        if t is None:
+            return default
+        return t.numpy() if t.dim() else t.item()
+
+    def ints(self, name: str, default: Sequence[int] | None = None) -> list[int]:
+        v = self.value(name)
+        if v is None:
+            return list(default) if default is not None else []
+        return [int(i) for i in np.asarray(v).reshape(-1)]
+
+    def int(self, name: str, default: int = 0) -> int:
+        v = self.value(name)
+        return default if v is None else int(_scalar(v))
+
+    def float(self, name: str, default: float = 0.0) -> float:
+        v = self.value(name)
+        return default if v is None else float(_scalar(v))
+
+    def bool(self, name: str, default: bool = False) -> bool:
+        v = self.value(name)
+        return default if v is None else bool(_scalar(v))
+
+    def str(self, name: str, default: str = "") -> str:
+        v = self.value(name)
+        return default if v is None else str(v)
+
+
+OpFn = Callable[[OpArgs], Result]
+
+
+
+def _scalar(value: Any) -> Any:
+    # Scalar parameters may be stored as 1-element tensors; NumPy 2 refuses int() on those.
+    return np.asarray(value).reshape(-1)[0]
+
+@dataclass(frozen=True)
+class OpImpl:
+    """An entry of the op table."""
+
+    fn: OpFn
+    native_half: bool
+
+
+OPS: dict[str, OpImpl] = {}
+"""MIL op type -> implementation. Op types absent here make the executor raise UnsupportedOpError."""
+
+
+def register(*op_types: str, native_half: bool = False) -> Callable[[OpFn], OpFn]:
+    """Register `fn` as the implementation of `op_types`."""
+
+    def decorate(fn: OpFn) -> OpFn:
+        for op_type in op_types:
+            if op_type in OPS:
+                raise ValueError(f"op {op_type} registered twice")
+            OPS[op_type] = OpImpl(fn, native_half)
+        return fn
+
+    return decorate
+
+
+def register_elementwise(fns: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    """Register each single-kernel function of `x` in `fns` as the op of that name (native_half)."""
+    for op_type, fn in fns.items():
+        register(op_type, native_half=True)(_of_x(op_type, fn))
+
+
+def _of_x(op_type: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> OpFn:
+    def unary(a: OpArgs) -> Result:
+        return fn(a["x"])
+
+    unary.__name__ = op_type
+    return unary
