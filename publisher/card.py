@@ -361,6 +361,13 @@ def _limitations(report: PublishReport, device_rows: list[DeviceRow]) -> tuple[s
     """Say plainly what this run did not measure or could not read, so a missing table or license is not mistaken
     for a good one."""
     notes = [_redact(warning) for warning in report.source_warnings]
+    if report.missing_components:
+        notes.append(
+            "This is a partial repository: Apple's pipelines also load "
+            + ", ".join(f"`{name}`" for name in report.missing_components)
+            + " for this model, which it does not hold. Bring those packages from a repository of the same source"
+            " model, converted with the same settings."
+        )
     if not report.parity:
         notes.append("Numerical parity of the Core ML packages against the PyTorch model was not measured in this run.")
     elif not any(result.backend == "coreml-runtime" for result in report.parity):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,10 @@ from typing import Any
 from huggingface_hub import HfApi, get_token, hf_hub_download
 
 from publisher.architectures import CONFIGS
+from publisher.components import component_spec
 from publisher.errors import PublisherError, RecipeError
 from publisher.hub_errors import HubCall, hub_errors, retry_notes
-from publisher.recipe import Lora, ModelSource, Source
+from publisher.recipe import Lora, ModelSource, Recipe, Source
 from publisher.report import SourceInput
 from publisher.source_check import check_tokenizer, read_json, refuse
 
@@ -79,6 +81,8 @@ CHECKPOINT_FAMILIES = (
                      "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"),
 )
 UNET_PREFIX = "model.diffusion_model."
+# The files diffusers and transformers load for a model (whole or sharded), not its variants (.fp16.).
+WEIGHT_FILE = re.compile(r"(diffusion_pytorch_model|model)(-\d{5}-of-\d{5})?\.safetensors")
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 # A LoRA module's down (A) projection, in each format diffusers reads: PEFT, kohya, and older diffusers.
 LORA_DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight", ".lora_linear_layer.down.weight")
@@ -186,6 +190,46 @@ def fetch(origin: ModelSource) -> Path:
 def describe_input(role: str, origin: ModelSource, path: Path, scale: float | None = None) -> SourceInput:
     return SourceInput(role=role, name=origin.display, repo=origin.repo, revision=origin.revision,
                        filename=origin.filename or path.name, sha256=sha256(path), scale=scale)
+
+
+def weight_inputs(recipe: Recipe) -> list[SourceInput]:
+    """The weight files of the diffusers folders or repos the converted components load, with their sha256.
+
+    A Hub file's sha256 is the one the Hub stores for it (its LFS object id, what the download is checked
+    against), so a run that found every stage cached reports the same inputs without downloading anything.
+    """
+    source = recipe.source
+    folders: list[tuple[ModelSource, str | None]] = []
+    for model in dict.fromkeys(component_spec(component).model for component in recipe.conversion.components):
+        if model == "controlnet":
+            folders.append((source.controlnet, None))
+        elif model == "vae" and source.vae is not None:
+            if not source.vae.is_single_file:
+                folders.append((source.vae, None))
+        elif not source.is_single_file:
+            folders.append((source, model))
+    inputs = []
+    for origin, subfolder in folders:
+        if origin.path is not None:
+            folder = origin.path / subfolder if subfolder else origin.path
+            found = {file.relative_to(origin.path).as_posix(): sha256(file) for file in sorted(folder.iterdir())
+                     if WEIGHT_FILE.fullmatch(file.name)}
+        else:
+            found = _hub_weights(origin, subfolder)
+        inputs += [SourceInput(role="weights", name=f"{origin.display}/{name}" if origin.repo else name,
+                               repo=origin.repo, revision=origin.revision, filename=name, sha256=digest)
+                   for name, digest in found.items()]
+    return inputs
+
+
+def _hub_weights(origin: ModelSource, subfolder: str | None) -> dict[str, str]:
+    api = HfApi()
+    call = HubCall(repo_id=str(origin.repo), revision=str(origin.revision), endpoint=api.endpoint, secret=get_token(),
+                   step=f"list the weights of {origin.display}")
+    with retry_notes(show=True), hub_errors(call):
+        entries = api.list_repo_tree(str(origin.repo), path_in_repo=subfolder or "", revision=origin.revision)
+        return {entry.path: entry.lfs.sha256 for entry in entries
+                if getattr(entry, "lfs", None) and WEIGHT_FILE.fullmatch(entry.path.rsplit("/", 1)[-1])}
 
 
 # ---------------------------------------------------------------------------------------------

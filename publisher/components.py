@@ -12,6 +12,7 @@ loads compiled models under (``StableDiffusionPipeline+Resources.swift``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -111,3 +112,14 @@ def swift_resource(name: str) -> str | None:
     if resource is None or name == whole_component(name):
         return resource
     return resource + name.removeprefix(whole_component(name) + "_").capitalize()
+
+
+def pipeline_components(models: Iterable[str], *, controlled: bool) -> tuple[str, ...]:
+    """What Apple's pipelines load for a source holding ``models`` (pipeline folders): every text encoder it
+    has, the denoiser (the control-unet and a ControlNet when ``controlled``) and the VAE decoder."""
+    models = set(models)
+    denoisers = tuple(name for name, entry in TABLE.items()
+                      if (entry.role == "controlnet" or entry.name == "control_unet") == controlled
+                      and entry.role in ("denoiser", "controlnet"))
+    return (*(name for name in component_names("text_encoder") if TABLE[name].model in models), *denoisers,
+            *(name for name in component_names("vae", in_images=True)))

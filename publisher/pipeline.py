@@ -24,9 +24,9 @@ import psutil
 from publisher.assemble import assemble, check_destination, package_path, promote
 from publisher.cache import StageCache, hash_path, make_key
 from publisher.card import write_card
-from publisher.checkpoint import Assembly, assemble_source
+from publisher.checkpoint import Assembly, assemble_source, weight_inputs
 from publisher.chunk import chunk_package
-from publisher.components import CHUNKS, chunk_names, component_spec
+from publisher.components import CHUNKS, chunk_names, component_spec, pipeline_components
 from publisher.compress import compress_package
 from publisher.convert import convert_in_subprocess
 from publisher.executor import LoadedProgram
@@ -50,6 +50,7 @@ from publisher.report import (
     ImageParity,
     ParityResult,
     PublishReport,
+    SourceInput,
     StageCost,
     VariantReport,
     tool_versions,
@@ -133,10 +134,15 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
         with monitor.stage("load source", record=False):
             # Configs and tokenizer only: each stage loads the weights of the component it works on.
             source = load_source(recipe, models=(), assembly=assembly)
+            inputs = weight_inputs(recipe) + list(assembly.inputs if assembly else ())
         run = Run(recipe, source, source_identity(recipe), cache, monitor, work, entries)
+        missing = missing_components(recipe, source)
+        if missing:
+            monitor.say(f"[yellow]![/yellow] a partial repository: Apple's pipelines also load {', '.join(missing)},"
+                        " which the recipe does not convert (the card says so)")
         build = build_variants(run)
         parity = check_parity(run, build)
-        report = make_report(recipe, source, build, parity, monitor)
+        report = make_report(recipe, source, build, parity, monitor, inputs)
         if push is not None:
             published = adopt_published_costs(report, push, quiet=quiet)
             if published is not report:
@@ -452,6 +458,14 @@ def variant_images(run: Run, variant: str, packages: dict[str, tuple[Path, ...]]
     return results
 
 
+def missing_components(recipe: Recipe, source: LoadedSource) -> list[str]:
+    """What Apple's pipelines load for this model and the recipe does not convert: a partial repository."""
+    converted = recipe.conversion.components
+    controlled = any(component_spec(component).role == "controlnet" for component in converted)
+    needed = pipeline_components(source.model_classes, controlled=controlled)
+    return [component for component in needed if component not in converted]
+
+
 def weights_bytes(package: Path) -> int:
     return sum(file.stat().st_size for file in package.glob("Data/com.apple.CoreML/weights/*") if file.is_file())
 
@@ -494,8 +508,8 @@ def part_report(whole: ComponentReport, name: str, package: Path, relative: str)
     })
 
 
-def make_report(recipe: Recipe, source: LoadedSource, build: Build, parity: Parity,
-                monitor: Monitor) -> PublishReport:
+def make_report(recipe: Recipe, source: LoadedSource, build: Build, parity: Parity, monitor: Monitor,
+                inputs: list[SourceInput] | None = None) -> PublishReport:
     return PublishReport(
         recipe_name=recipe.name,
         recipe_file=recipe.file.name,
@@ -512,7 +526,8 @@ def make_report(recipe: Recipe, source: LoadedSource, build: Build, parity: Pari
         image_size=image_size(recipe, source),
         tool_versions=tool_versions(),
         card_tags=list(recipe.card.tags),
-        inputs=list(source.assembly.inputs) if source.assembly else [],
+        inputs=inputs or [],
+        missing_components=missing_components(recipe, source),
         source_warnings=list(source.warnings),
         variants=build.variants,
         parity=parity.results,

@@ -728,6 +728,19 @@ def _check_local_files(source: Source) -> tuple[tuple[Any, ...], str] | None:
     return None
 
 
+def consumer_batch_problem(family: str | None, unet_batch: int) -> str | None:
+    """Why no consumer could load a UNet of ``unet_batch`` for ``family``, or None.
+
+    Apple's SDXL pipelines (Swift and Python) double the latents and pass two timesteps and two rows of
+    ``time_ids`` whatever the guidance, so a UNet of another batch fails in both
+    (``Expected shape (1, 4, h, w), got (2, 4, h, w)``).
+    """
+    if family == "sdxl" and unet_batch != 2:
+        return (f"{unet_batch} cannot be loaded by Apple's SDXL pipelines (Swift and Python), which always feed the"
+                " UNet batch 2: set 2")
+    return None
+
+
 def is_inside(path: Path, folder: Path) -> bool:
     """Whether ``path``, with every symlink resolved, lies within ``folder`` (itself resolved)."""
     return path.resolve().is_relative_to(folder.resolve())
@@ -780,6 +793,9 @@ def _cross_check(recipe: Recipe, data: dict[str, Any], folder: Path) -> tuple[tu
     for component in recipe.parity.per_component:
         if component not in converted:
             return ("parity", "per_component", component), "is not listed in conversion.components"
+    batch_problem = consumer_batch_problem(source.family, recipe.conversion.unet_batch)
+    if batch_problem:
+        return ("conversion", "unet_batch"), batch_problem
     if "text_encoder_2" in converted and source.family in ("sd1", "sd2"):
         return ("conversion", "components"), f"text_encoder_2 exists only in sdxl pipelines, not {source.family}"
     return None

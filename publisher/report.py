@@ -94,9 +94,10 @@ class Machine(BaseModel):
 
 
 class SourceInput(BaseModel):
-    """A file the published weights were made from: a single-file checkpoint, a VAE file or a fused LoRA."""
+    """A file the published weights were made from: a model's weights in a diffusers folder or repo, a single-file
+    checkpoint, a VAE file or a fused LoRA."""
 
-    role: Literal["checkpoint", "vae", "lora"]
+    role: Literal["weights", "checkpoint", "vae", "lora"]
     name: str = Field(description="'<repo>/<filename>' on the Hub, or the local file's name")
     repo: str | None = None
     revision: str | None = None
@@ -123,7 +124,11 @@ class PublishReport(BaseModel):
     tool_versions: dict[str, str]
     card_tags: list[str] = Field(default_factory=list)
     inputs: list[SourceInput] = Field(
-        default_factory=list, description="The single files the weights were assembled from, with their sha256"
+        default_factory=list, description="The files the weights were made from, with their sha256"
+    )
+    missing_components: list[str] = Field(
+        default_factory=list,
+        description="Components Apple's pipelines load for this model that the repository does not hold (partial)",
     )
     source_warnings: list[str] = Field(
         default_factory=list, description="What could not be read from the source (its model card), in words"

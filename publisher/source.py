@@ -27,7 +27,7 @@ from publisher.checkpoint import Assembly, check_single_file_source
 from publisher.components import component_spec
 from publisher.errors import PublisherError, RecipeError
 from publisher.hub_errors import HubCall, hub_errors, retry_notes
-from publisher.recipe import ModelSource, Recipe, Source
+from publisher.recipe import ModelSource, Recipe, Source, consumer_batch_problem
 from publisher.source_check import (
     CONTROLNET_CLASS,
     FAST_TOKENIZER_FILE,
@@ -253,6 +253,9 @@ def _check_components(recipe: Recipe, present: tuple[str, ...], family: Family) 
             )
     if "text_encoder_2" in recipe.conversion.components and family != "sdxl":
         raise RecipeError(f"{recipe.file}: conversion.components: text_encoder_2 needs an sdxl source, not {family}")
+    batch_problem = consumer_batch_problem(family, recipe.conversion.unet_batch)
+    if batch_problem:  # the family was detected, not declared: the recipe's own check could not know it
+        raise RecipeError(f"{recipe.file}: conversion.unet_batch: {batch_problem}")
 
 
 def load_source(recipe: Recipe, models: tuple[str, ...] | None = None,

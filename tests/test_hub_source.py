@@ -3,6 +3,7 @@ that is not the head; its license read from its card at that revision, or a name
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def test_publish_from_a_hub_revision_that_is_not_the_head(tmp_path, api, hub_cli
     assert report.source_warnings == []
     reproducibility = card.text.split("## Reproducibility", 1)[1]
     assert f"repo: {REPO}" in reproducibility and first in reproducibility
+    for weights in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        digest = hashlib.sha256((TINY_SOURCE / weights).read_bytes()).hexdigest()
+        assert f"| weights | {REPO}/{weights} | {first} |  | `{digest}` |" in reproducibility
+    assert "unet/" not in reproducibility  # not converted, not an input
     # Downloaded at `first` by the real client (over hf_xet, whose transfers skip the resolve route).
     for weights in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         cached = try_to_load_from_cache(REPO, weights, revision=first)

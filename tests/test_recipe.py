@@ -91,6 +91,13 @@ SHA = "0" * 40
 # (name, yaml text, expected line, expected message fragment)
 BAD = [
     (
+        "sdxl-batch-1",
+        VALID.replace("target:", "  family: sdxl\ntarget:").replace("conversion:\n", "conversion:\n  unet_batch: 1\n"),
+        8,
+        "conversion.unet_batch: 1 cannot be loaded by Apple's SDXL pipelines (Swift and Python), which always feed"
+        " the UNet batch 2",
+    ),
+    (
         "pickle-checkpoint-path",
         VALID.replace(f"path: {TINY_SOURCE}", "path: model.ckpt"),
         3,

@@ -27,7 +27,8 @@ from tests.original_layout import VAE_PREFIX, kohya_lora, original_state_dict, p
 
 pytest_plugins = ["tests.hub.fixtures"]
 
-CONFIGS = {family: ROOT / "configs" / f"tiny-{family}-original" for family in ("sd1", "sd2", "sdxl")}
+CONFIGS = {family: ROOT / "configs" / f"tiny-{family.replace('_', '-')}-original"
+           for family in ("sd1", "sd2", "sdxl", "sdxl_refiner")}
 # The SD 1.x publish checks images end to end; the others convert their UNet alone (the assembly loads every
 # model either way), which keeps the default suite short.
 COMPONENTS = {"sd1": ["text_encoder", "unet", "vae_decoder"], "sd2": ["unet"], "sdxl": ["unet"]}
@@ -81,7 +82,7 @@ def test_sd1_checkpoint_with_a_vae_file_and_two_loras(tmp_path, pipelines):
     recipe = write_recipe(tmp_path, "sd1", {
         "path": str(checkpoint), "vae": {"path": str(vae_file)},
         "loras": [{"path": str(kohya), "scale": 0.5}, {"path": str(peft), "scale": 1.0}],
-    })
+    }, card={"license": "creativeml-openrail-m"})  # a local file has no card to read it from
 
     out = tmp_path / "published"
     report = publish(recipe, out, quiet=True)
@@ -95,6 +96,7 @@ def test_sd1_checkpoint_with_a_vae_file_and_two_loras(tmp_path, pipelines):
     ]
     assert report.parity and all(result.passed for result in report.parity)
     assert report.image_parity  # the fused model's images, end to end
+    assert ModelCard.load(out / "README.md").data.license == "creativeml-openrail-m"
     card = (out / "README.md").read_text()
     assert "a local checkpoint file (`model.safetensors`)" in card
     assert "- `kohya-style.safetensors`, scale 0.5" in card and "- `peft-detail.safetensors`, scale 1.0" in card
@@ -150,12 +152,28 @@ def test_the_assembled_pipeline_holds_the_fused_weights_and_the_vae_file(tmp_pat
         assert torch.equal(vae.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize(("family", "expected"), [("sd1", ("sd1", "sd15")), ("sd2", ("sd2", "sd21-base")),
+                                                  ("sdxl", ("sdxl", "sdxl-base")),
+                                                  ("sdxl_refiner", ("sdxl", "sdxl-refiner"))])
+def test_the_family_and_its_shipped_architecture_come_from_the_keys(family, expected, pipelines):
+    """Keys only (no weights): a tiny checkpoint of each family, named like the real ones."""
+    from publisher.checkpoint import detect_family
+
+    found = detect_family(Path("x.safetensors"), original_state_dict(pipelines(family), family), None)
+    assert (found.family, found.config) == expected
+    assert (ROOT / "configs" / found.config / "model_index.json").is_file()
+
+
 def test_sd2_family_is_detected_from_the_keys(tmp_path, pipelines):
     checkpoint = write_checkpoint(original_state_dict(pipelines("sd2"), "sd2"), tmp_path / "sd2.safetensors")
     report = publish(write_recipe(tmp_path, "sd2", {"path": str(checkpoint)}), tmp_path / "out", quiet=True)
     assert report.family == "sd2"
     assert all(result.passed for result in report.parity)
     assert [item.sha256 for item in report.inputs] == [sha256(checkpoint)]
+    # Never silently partial: the card names what Apple's pipelines also need.
+    assert report.missing_components == ["text_encoder", "vae_decoder"]
+    limitations = (tmp_path / "out" / "README.md").read_text().split("## Limitations", 1)[1]
+    assert "This is a partial repository: Apple's pipelines also load `text_encoder`, `vae_decoder`" in limitations
 
 
 def test_sdxl_checkpoint_and_lora_from_the_hub(tmp_path, pipelines, hub_cli):
@@ -167,16 +185,19 @@ def test_sdxl_checkpoint_and_lora_from_the_hub(tmp_path, pipelines, hub_cli):
     lora = tmp_path / "style.safetensors"
     save_file(peft_lora(pipe, rank=2, seed=3), lora)
     api.create_repo(model_repo)
+    api.upload_file(path_or_fileobj=b"---\nlicense: openrail++\n---\n# community XL\n", path_in_repo="README.md",
+                    repo_id=model_repo)
     revision = api.upload_file(path_or_fileobj=checkpoint, path_in_repo="community-xl.safetensors",
                                repo_id=model_repo).oid
-    api.upload_file(path_or_fileobj=b"---\nlicense: openrail++\n---\n# community XL\n", path_in_repo="README.md",
-                    repo_id=model_repo)  # the head moves on: the recipe's revision has no card
+    # The head moves on: the license is read from the card at the recipe's revision.
+    api.upload_file(path_or_fileobj=b"---\nlicense: mit\n---\n# community XL\n", path_in_repo="README.md",
+                    repo_id=model_repo)
     api.create_repo(lora_repo)
     lora_revision = api.upload_file(path_or_fileobj=lora, path_in_repo="style.safetensors", repo_id=lora_repo).oid
     recipe = write_recipe(tmp_path, "sdxl", {
         "repo": model_repo, "revision": revision, "filename": "community-xl.safetensors",
         "loras": [{"repo": lora_repo, "revision": lora_revision, "filename": "style.safetensors", "scale": 0.8}],
-    }, card={"license": "openrail++"})
+    })
 
     out = tmp_path / "published"
     report = publish(recipe, out, quiet=True)
@@ -221,6 +242,14 @@ def test_a_checkpoint_of_another_family_is_refused(tmp_path, pipelines, capsys):
     error = refused(capsys, write_recipe(tmp_path, "sd1", {"path": str(checkpoint), "family": "sd1"}),
                     tmp_path / "out")
     assert "xl.safetensors: is an SDXL base checkpoint" in error and "source.family is sd1" in error
+
+
+def test_a_detected_sdxl_checkpoint_with_a_batch_no_consumer_loads_is_refused(tmp_path, pipelines, capsys):
+    checkpoint = write_checkpoint(original_state_dict(pipelines("sdxl"), "sdxl"), tmp_path / "xl.safetensors")
+    recipe = write_recipe(tmp_path, "sdxl", {"path": str(checkpoint)},
+                          conversion={"components": ["unet"], "unet_batch": 1})
+    error = refused(capsys, recipe, tmp_path / "out")
+    assert "conversion.unet_batch: 1 cannot be loaded by Apple's SDXL pipelines" in error
 
 
 def test_a_checkpoint_that_does_not_fit_the_architecture_is_refused(tmp_path, pipelines, capsys):
