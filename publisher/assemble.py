@@ -20,6 +20,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from publisher.components import CONTROLNET_PACKAGE_PREFIX, component_spec, package_suffix
 from publisher.errors import RecipeError
 from publisher.layout import IMAGES_FOLDER, RECIPE_NAME, REPORT_NAME
 from publisher.recipe import Recipe
@@ -29,10 +30,9 @@ from publisher.report import PublishReport
 def package_name(recipe: Recipe, component: str) -> str:
     """Apple's naming: ``Stable_Diffusion_version_<model id with / -> _>_<component>.mlpackage``, the
     ControlNet-conditioned UNet as ``..._control-unet``, and ControlNets as ``ControlNet_<model id>``."""
-    if component == "controlnet":
-        return f"ControlNet_{recipe.source.controlnet.model_id.replace('/', '_')}.mlpackage"
-    suffix = "control-unet" if component == "control_unet" else component
-    return f"Stable_Diffusion_version_{recipe.model_version.replace('/', '_')}_{suffix}.mlpackage"
+    if component_spec(component).package_suffix is None:
+        return f"{CONTROLNET_PACKAGE_PREFIX}{recipe.source.controlnet.model_id.replace('/', '_')}.mlpackage"
+    return f"Stable_Diffusion_version_{recipe.model_version.replace('/', '_')}_{package_suffix(component)}.mlpackage"
 
 
 def package_path(variant_folder: str, recipe: Recipe, component: str) -> str:

@@ -124,6 +124,7 @@ class SwiftResource:
 
     component: str
     resource: str
+    package_stem: str
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,6 @@ class UsageVariant:
 
     folder: str
     packages_dir: str
-    package_prefix: str
     compute_unit: str
     swift_compute_units: str
     swift_resources: tuple[SwiftResource, ...]
@@ -339,16 +339,12 @@ def _usage(report: PublishReport) -> tuple[UsageVariant, ...]:
             continue
         first = variant.components[0]
         packages_dir = PurePosixPath(variant.folder, first.package).parent.as_posix()
-        resources = tuple(
-            SwiftResource(component=c.component, resource=resource)
-            for c in variant.components
-            if (resource := swift_resource(c.component)) is not None
-        )
+        resources = tuple(SwiftResource(component=c.component, resource=swift_resource(c.component, c.package),
+                                        package_stem=PurePosixPath(c.package).stem) for c in variant.components)
         usage.append(
             UsageVariant(
                 folder=variant.folder,
                 packages_dir=packages_dir,
-                package_prefix=PurePosixPath(first.package).stem.removesuffix(f"_{first.component}"),
                 compute_unit=variant.compute_units,
                 swift_compute_units=SWIFT_COMPUTE_UNITS.get(variant.compute_units, variant.compute_units),
                 swift_resources=resources,

@@ -195,6 +195,9 @@ def describe_input(role: str, origin: ModelSource, path: Path, scale: float | No
 def weight_inputs(recipe: Recipe) -> list[SourceInput]:
     """The weight files of the diffusers folders or repos the converted components load, with their sha256.
 
+    Raises:
+        [`~publisher.errors.RecipeError`]: a model the run converts has no safetensors weights (only a pickle).
+
     A Hub file's sha256 is the one the Hub stores for it (its LFS object id, what the download is checked
     against), so a run that found every stage cached reports the same inputs without downloading anything.
     """
@@ -216,6 +219,10 @@ def weight_inputs(recipe: Recipe) -> list[SourceInput]:
                      if WEIGHT_FILE.fullmatch(file.name)}
         else:
             found = _hub_weights(origin, subfolder)
+        if not found:  # checked here, before any conversion, for a Hub source (a local one at validate)
+            where = f"{origin.display}/{subfolder}" if subfolder else origin.display
+            raise RecipeError(f"{where}: has no safetensors weights; pickled weights (.bin) are refused, since"
+                              " loading one runs code from the file: use a revision with .safetensors weights")
         inputs += [SourceInput(role="weights", name=f"{origin.display}/{name}" if origin.repo else name,
                                repo=origin.repo, revision=origin.revision, filename=name, sha256=digest)
                    for name, digest in found.items()]

@@ -39,4 +39,25 @@ def chunk_package(package: Path, out: Path) -> tuple[Path, Path]:
             if not made.is_dir():
                 raise PublisherError(f"coremltools' bisect_model did not write {made.name} for {package}")
             chunks.append(Path(shutil.move(made, out / f"{chunk}.mlpackage")))
+    for chunk_path in chunks:
+        keep_description(package, chunk_path)
     return chunks[0], chunks[1]
+
+
+def keep_description(whole: Path, chunk: Path) -> None:
+    """Give a chunk its whole package's metadata (author, license, version, our version key) and the
+    descriptions of the features they share: ``bisect_model`` writes the chunks' specs without them."""
+    from coremltools.proto import Model_pb2
+
+    def spec_file(package: Path) -> Path:
+        return package / "Data" / "com.apple.CoreML" / "model.mlmodel"
+
+    source, spec = Model_pb2.Model(), Model_pb2.Model()
+    source.ParseFromString(spec_file(whole).read_bytes())
+    spec.ParseFromString(spec_file(chunk).read_bytes())
+    spec.description.metadata.CopyFrom(source.description.metadata)
+    described = {feature.name: feature.shortDescription
+                 for feature in (*source.description.input, *source.description.output)}
+    for feature in (*spec.description.input, *spec.description.output):
+        feature.shortDescription = described.get(feature.name, feature.shortDescription)
+    spec_file(chunk).write_bytes(spec.SerializeToString())

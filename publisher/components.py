@@ -12,6 +12,7 @@ loads compiled models under (``StableDiffusionPipeline+Resources.swift``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -20,6 +21,9 @@ Role = Literal["text_encoder", "denoiser", "vae", "controlnet"]
 
 # Apple's chunked UNets (--chunk-unet): two packages, loaded as <Resource>Chunk1 / <Resource>Chunk2.
 CHUNKS = ("chunk1", "chunk2")
+# A ControlNet's package is ControlNet_<model id, / -> _>.mlpackage; Swift loads it from controlnet/.
+CONTROLNET_PACKAGE_PREFIX = "ControlNet_"
+CONTROLNET_FOLDER = "controlnet"
 
 
 @dataclass(frozen=True)
@@ -37,14 +41,16 @@ class ComponentSpec:
         package_suffix (`str`, *optional*):
             Apple's package suffix; ``None`` for a ControlNet, published as ``ControlNet_<model id>``.
         swift_resource (`str`, *optional*):
-            The compiled model's name in Apple's Swift resources; ``None`` for a ControlNet, which an app
-            loads from ``controlnet/<Name>.mlmodelc`` under the name it chooses.
+            The compiled model's name in Apple's Swift resources; ``None`` for a ControlNet, compiled to
+            ``controlnet/<Name>.mlmodelc`` after its model (see `swift_resource`).
         traced_small (`bool`):
             Traced on small inputs and converted at the recipe's size (convolutional, shape-agnostic trace).
         in_images (`bool`):
             Run by the end-to-end text-to-image check.
         default (`bool`):
             Converted when a recipe does not list its components.
+        chunkable (`bool`):
+            Split in two packages by ``conversion.chunk_unet``, as Apple's ``--chunk-unet`` splits its UNets.
     """
 
     name: str
@@ -55,6 +61,7 @@ class ComponentSpec:
     traced_small: bool = False
     in_images: bool = False
     default: bool = False
+    chunkable: bool = False
 
     @property
     def is_denoiser(self) -> bool:
@@ -68,12 +75,12 @@ TABLE: dict[str, ComponentSpec] = {
         ComponentSpec("text_encoder", "text_encoder", "text_encoder", "text_encoder", "TextEncoder", in_images=True,
                       default=True),
         ComponentSpec("text_encoder_2", "text_encoder", "text_encoder_2", "text_encoder_2", "TextEncoder2"),
-        ComponentSpec("unet", "denoiser", "unet", "unet", "Unet", in_images=True, default=True),
+        ComponentSpec("unet", "denoiser", "unet", "unet", "Unet", in_images=True, default=True, chunkable=True),
         ComponentSpec("vae_decoder", "vae", "vae", "vae_decoder", "VAEDecoder", traced_small=True, in_images=True,
                       default=True),
         ComponentSpec("vae_encoder", "vae", "vae", "vae_encoder", "VAEEncoder", traced_small=True, default=True),
         ComponentSpec("controlnet", "controlnet", "controlnet", None, None),
-        ComponentSpec("control_unet", "denoiser", "unet", "control-unet", "ControlledUnet"),
+        ComponentSpec("control_unet", "denoiser", "unet", "control-unet", "ControlledUnet", chunkable=True),
     )
 }
 NAMES = tuple(TABLE)
@@ -84,12 +91,13 @@ def component_spec(name: str) -> ComponentSpec:
     return TABLE[whole_component(name)]
 
 
-def component_names(role: Role | None = None, *, in_images: bool | None = None,
-                    default: bool | None = None) -> tuple[str, ...]:
-    """Component names in table order; those of one role, of the image check or converted by default."""
+def component_names(role: Role | None = None, *, in_images: bool | None = None, default: bool | None = None,
+                    chunkable: bool | None = None) -> tuple[str, ...]:
+    """Component names in table order; those of one role, of the image check, converted by default or chunkable."""
     return tuple(name for name, entry in TABLE.items()
                  if (role is None or entry.role == role) and (in_images is None or entry.in_images == in_images)
-                 and (default is None or entry.default == default))
+                 and (default is None or entry.default == default)
+                 and (chunkable is None or entry.chunkable == chunkable))
 
 
 def chunk_names(name: str) -> tuple[str, ...]:
@@ -105,13 +113,31 @@ def whole_component(name: str) -> str:
     return name
 
 
-def swift_resource(name: str) -> str | None:
+def swift_resource(name: str, package: str = "") -> str:
     """The compiled resource Swift loads for a package of ``name``: ``Unet``, ``UnetChunk1``,
-    ``ControlledUnetChunk2``; ``None`` for a ControlNet."""
-    resource = component_spec(name).swift_resource
-    if resource is None or name == whole_component(name):
-        return resource
-    return resource + name.removeprefix(whole_component(name) + "_").capitalize()
+    ``ControlledUnetChunk2``.
+
+    A ControlNet's is ``controlnet/<Name>``, ``<Name>`` the model name in its package's file name (``package``)
+    title-cased word by word: Apple's ``bundle_resources_for_swift_cli`` compiles it so, and an app passes
+    that name to the Swift pipeline, which loads ``controlnet/<Name>.mlmodelc``.
+    """
+    spec = component_spec(name)
+    if spec.swift_resource is None:
+        model_name = package.rsplit("/", 1)[-1].removeprefix(CONTROLNET_PACKAGE_PREFIX).removesuffix(".mlpackage")
+        if not model_name:
+            raise ValueError(f"the compiled name of a {name} package comes from its file name: give it")
+        return CONTROLNET_FOLDER + "/" + "".join(word.title() for word in re.split("[_-]", model_name))
+    if name == whole_component(name):
+        return spec.swift_resource
+    return spec.swift_resource + name.removeprefix(whole_component(name) + "_").capitalize()
+
+
+def package_suffix(name: str) -> str:
+    """Apple's suffix of a package of ``name`` (``unet``, ``unet_chunk1``, ``control-unet_chunk2``)."""
+    suffix = component_spec(name).package_suffix
+    if suffix is None:
+        raise ValueError(f"a {name} package is named after its model (ControlNet_<model>), not a suffix")
+    return suffix + name.removeprefix(whole_component(name))
 
 
 def pipeline_components(models: Iterable[str], *, controlled: bool) -> tuple[str, ...]:

@@ -21,8 +21,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import coremltools as ct
+import numpy as np
 import torch
 
+from publisher import __version__
 from publisher.attention import Attention
 from publisher.checkpoint import Assembly
 from publisher.child_process import LIBRARY_LOGGERS, mirror_parent
@@ -31,9 +33,11 @@ from publisher.coremltools_fixes import install_coremltools_fixes
 from publisher.errors import PublisherError
 from publisher.recipe import Recipe, load_recipe
 from publisher.source import LoadedSource, load_source, release_memory
-from publisher.wrappers import ComponentIO, component_io, reference_module
+from publisher.wrappers import ComponentIO, component_io, feature_description, reference_module
 
 APPLE_LICENSE_NOTE = "Please refer to the model card of the source model"
+# Apple's packages carry com.github.apple.ml-stable-diffusion.version; ours name their own tool.
+VERSION_KEY = "com.github.coreml-publisher.version"
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,9 @@ def convert_component(
         traced,
         convert_to="mlprogram",
         inputs=[ct.TensorType(name=spec.name, shape=spec.shape, dtype=spec.dtype) for spec in io.inputs],
-        outputs=[ct.TensorType(name=name) for name in io.outputs],
+        # Apple's converter declares every output float32, and Swift reads ControlNet outputs as Float buffers:
+        # a float16 output there is a wrong read. The cast is the program's last op; weights stay float16.
+        outputs=[ct.TensorType(name=name, dtype=np.float32) for name in io.outputs],
         minimum_deployment_target=deployment_target(recipe),
         compute_precision=ct.precision.FLOAT16 if half else ct.precision.FLOAT32,
         # Loading compiles the model with Core ML, which exists only on macOS.
@@ -108,13 +114,27 @@ def convert_component(
     )
     del traced
     release_memory()
-    model.author = APPLE_LICENSE_NOTE + f" ({recipe.model_version})"
-    model.version = recipe.model_version
-    model.short_description = f"Stable Diffusion {component} converted by coreml-publisher"
+    describe(model, recipe, source, component)
     model.save(str(package))
     del model
     release_memory()
     return ConvertedComponent(component, package, parameters, time.perf_counter() - started)
+
+
+def describe(model: ct.models.MLModel, recipe: Recipe, source: LoadedSource, component: str) -> None:
+    """The metadata Apple's converter writes (torch2coreml.py): author, license, version, descriptions of every
+    feature, and the converting tool's version under its own key."""
+    model.author = APPLE_LICENSE_NOTE + f" ({recipe.model_version})"
+    model.license = recipe.card.license or source.license or "see the source model's card"
+    model.version = recipe.model_version
+    model.short_description = f"Stable Diffusion {component} converted by coreml-publisher"
+    for name in (*model.input_description, *model.output_description):
+        description = feature_description(name)
+        if description and name in model.input_description:
+            model.input_description[name] = description
+        elif description:
+            model.output_description[name] = description
+    model.user_defined_metadata[VERSION_KEY] = __version__
 
 
 # ---------------------------------------------------------------------------------------------

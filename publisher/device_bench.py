@@ -141,7 +141,8 @@ def bench_device(folder: Path, repo_id: str, recipe: Recipe, tools: DeviceTools,
             inputs = {component: example_inputs(packages[component]) for component in GENERATION
                       if component in packages}
             for unit in settings.compute_units or (variant.compute_units,):
-                models = {component: tools.load(compiled / f"{swift_resource(component)}.mlmodelc", unit)
+                models = {component: tools.load(compiled / f"{swift_resource(component, packages[component].name)}"
+                                                            ".mlmodelc", unit)
                           for component in inputs}
                 latency, speed = time_generation(models, inputs, settings.steps, settings.runs, clock)
                 result.runs.append(DeviceRun(
@@ -169,11 +170,9 @@ def _significant(value: float) -> float:
 def compile_variant(folder: Path, packages: dict[str, Path], destination: Path,
                     compile_model: Callable[[Path, Path], Path]) -> Path | None:
     """Compile ``packages`` into ``destination`` as the resources Apple's Swift pipeline loads
-    (``Unet.mlmodelc``, ...), beside the tokenizer files it reads. ``None`` when the variant has no
-    component the pipeline loads by a fixed name (a ControlNet alone)."""
-    # ControlNets are left out: Apple's Swift pipeline loads them from `controlnet/<Name>.mlmodelc` under a
-    # name the app chooses, not under a fixed resource name.
-    resources = {component: resource for component in packages if (resource := swift_resource(component)) is not None}
+    (``Unet.mlmodelc``, ``controlnet/<Name>.mlmodelc``, ...), beside the tokenizer files it reads. ``None`` for a
+    variant without packages."""
+    resources = {component: swift_resource(component, package.name) for component, package in packages.items()}
     if not resources:
         return None
     missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
@@ -184,7 +183,9 @@ def compile_variant(folder: Path, packages: dict[str, Path], destination: Path,
         compiled = compile_model(packages[component], destination.parent / f"{destination.name}.{component}")
         if not compiled.is_dir():
             raise PublisherError(f"compiling {packages[component].name} produced no {compiled.name}")
-        compiled.rename(destination / f"{resource}.mlmodelc")
+        target = destination / f"{resource}.mlmodelc"
+        target.parent.mkdir(exist_ok=True)  # controlnet/
+        compiled.rename(target)
     for name in TOKENIZER_FILES:
         shutil.copyfile(folder / name, destination / name)
     return destination

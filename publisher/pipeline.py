@@ -254,8 +254,8 @@ def build_variants(run: Run) -> Build:
             made = built[variant.folder_name, component]
             whole = component_report(recipe, made)
             parts = {component: made.package}
-            if component == "unet" and recipe.conversion.chunk_unet:
-                parts = dict(zip(chunk_names(component), chunk_unet(run, variant, made.package), strict=True))
+            if component_spec(component).chunkable and recipe.conversion.chunk_unet:
+                parts = dict(zip(chunk_names(component), chunk(run, variant, component, made.package), strict=True))
             build.by_variant.setdefault(variant.folder_name, {})[component] = tuple(parts.values())
             for name, part in parts.items():
                 relative = package_path(variant.folder_name, recipe, name)
@@ -303,8 +303,8 @@ def build_components(run: Run) -> dict[tuple[str, str], BuiltComponent]:
     return {(variant.folder_name, component): built[variant, component] for variant, component in jobs}
 
 
-def chunk_unet(run: Run, variant: Variant, package: Path) -> tuple[Path, ...]:
-    entry = cached(run, "chunk", {"package": hash_path(package)}, f"{variant.folder_name}/unet",
+def chunk(run: Run, variant: Variant, component: str, package: Path) -> tuple[Path, ...]:
+    entry = cached(run, "chunk", {"package": hash_path(package)}, f"{variant.folder_name}/{component}",
                    lambda folder: chunk_package(package, folder))
     return tuple(entry / f"{chunk}.mlpackage" for chunk in CHUNKS)
 
@@ -324,8 +324,9 @@ def convert(run: Run, variant: Variant, component: str) -> BuiltComponent:
     entry = cached(run, "convert", {
         "component": component, "attention": attention, "source": run.source_identity,
         "conversion": recipe.conversion.model_dump(mode="json", exclude={"components"}),
-        # The package's author and version metadata name it: for a local source, the recipe's name.
-        "model_version": recipe.model_version,
+        # The package's author and version metadata name it: for a local source, the recipe's name. Its license
+        # metadata is the recipe's, or the source's (part of the source's identity).
+        "model_version": recipe.model_version, "license": recipe.card.license,
     }, f"{variant.folder_name}/{component}", produce)
     meta = json.loads((entry / "meta.json").read_text())
     return BuiltComponent(component, entry / PACKAGE, entry / PACKAGE, meta["parameters"], meta["seconds"], 0.0)

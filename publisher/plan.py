@@ -257,8 +257,8 @@ def plan_recipe(recipe: Recipe) -> Plan:
     for variant in recipe.variants:
         for component in recipe.conversion.components:
             package = package_path(variant.folder_name, recipe, component)
-            if component == "unet" and recipe.conversion.chunk_unet:
-                package = package.replace("_unet.mlpackage", "_unet_chunk1/2.mlpackage")
+            if component_spec(component).chunkable and recipe.conversion.chunk_unet:
+                package = package.replace(".mlpackage", "_chunk1/2.mlpackage")
             packages.append(PlannedPackage(variant.folder_name, component, package,
                                            recipe.compression.for_component(component).describe(),
                                            *estimates[component]))

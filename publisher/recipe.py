@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from publisher.components import NAMES as COMPONENTS
-from publisher.components import component_names
+from publisher.components import component_names, component_spec
 from publisher.errors import RecipeError
 from publisher.layout import ROOT_NAMES
 
@@ -270,8 +270,8 @@ class Conversion(_Strict):
 
     @model_validator(mode="after")
     def _chunked_unet_is_converted(self) -> Conversion:
-        if self.chunk_unet and "unet" not in self.components:
-            raise ValueError("chunk_unet needs 'unet' in components")
+        if self.chunk_unet and not any(component_spec(component).chunkable for component in self.components):
+            raise ValueError(f"chunk_unet needs one of {', '.join(component_names(chunkable=True))} in components")
         return self
 
     def precision_for(self, component: str) -> Precision:

@@ -414,7 +414,13 @@ def _model_index(location: str, revision: str | None) -> dict[str, Any]:
 
 
 def _load_error(what: str, location: str, exc: OSError) -> PublisherError:
-    return PublisherError(f"cannot load {what} {location}: {str(exc).splitlines()[0]}")
+    problem = str(exc).splitlines()[0]
+    if ".safetensors" in problem:
+        # The loaders are told to read safetensors only: weights stored only as a pickle are refused, not unpickled.
+        return RecipeError(f"{location}: {what} has no safetensors weights ({problem}); pickled weights (.bin) are"
+                           " refused, since loading one runs code from the file: use a revision with .safetensors"
+                           " weights, or convert them on a machine without secrets")
+    return PublisherError(f"cannot load {what} {location}: {problem}")
 
 
 def _torch_models(index: dict[str, Any]) -> dict[str, str]:

@@ -79,6 +79,32 @@ def registered() -> tuple[set[str], set[str]]:
     return set(_MODULES), set(_CONTRACTS)
 
 
+# What each feature is, written into the packages as Apple's converter writes its own (torch2coreml.py sets
+# input_description / output_description): Xcode's model viewer and coremltools show them.
+FEATURE_DESCRIPTIONS = {
+    "input_ids": "The token ids of the text, padded to the tokenizer's length (float32)",
+    "last_hidden_state": "The text embeddings the denoiser attends to",
+    "hidden_embeds": "The text embeddings (penultimate layer) the denoiser attends to",
+    "pooled_outputs": "The pooled text embedding",
+    "sample": "The noisy latents, one row per guidance branch",
+    "timestep": "The diffusion timestep of each row",
+    "encoder_hidden_states": "The text embeddings, laid out (B, C, 1, S)",
+    "time_ids": "SDXL's micro-conditioning: original size, crop and target size (or aesthetic score)",
+    "text_embeds": "SDXL's pooled text embedding",
+    "controlnet_cond": "The conditioning image, in [0, 1]",
+    "noise_pred": "The predicted noise of each row",
+    "z": "The latents to decode, already divided by the VAE's scaling factor",
+    "image": "The decoded image, in [-1, 1]",
+    "x": "The image to encode, in [-1, 1]",
+    "latent": "The encoded latents",
+}
+RESIDUAL_DESCRIPTION = "A ControlNet residual: a down block's output (the last is the mid block's)"
+
+
+def feature_description(name: str) -> str:
+    return FEATURE_DESCRIPTIONS.get(name) or (RESIDUAL_DESCRIPTION if name.startswith("additional_residual_") else "")
+
+
 def reference_module(source: LoadedSource, name: str, attention: Attention = "original") -> torch.nn.Module:
     """The fp32 torch module converted for component ``name``, and (with ``original`` attention) the
     reference parity compares against."""

@@ -286,11 +286,12 @@ def test_the_loaders_refuse_a_pickle_only_model(source, model, class_name, weigh
     import torch
     from safetensors.torch import load_file
 
-    from publisher.errors import PublisherError
+    from publisher.errors import RecipeError
     from publisher.source import _load_model
 
     torch.save(load_file(source / weights), source / model / pickle_name)
     (source / weights).unlink()
-    with pytest.raises(PublisherError, match=f"cannot load the {class_name} {source}") as caught:
+    with pytest.raises(RecipeError, match=f"{source}: the {class_name} has no safetensors weights") as caught:
         _load_model(class_name, str(source), None, model)
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and "pickled weights (.bin) are refused" in str(caught.value)
+    assert caught.value.exit_code == 2  # a bad input, as a local source's pickle is refused at validate

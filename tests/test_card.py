@@ -411,13 +411,10 @@ def test_parity_table_has_a_column_per_measured_backend():
 def test_usage_names_the_real_folders_and_packages():
     card = render_card(hub_report())
     assert "-i split_einsum_v2/packages -o output --compute-unit CPU_AND_NE --model-version org/model" in card
+    assert "PACKAGES=split_einsum_v2/packages\nOUT=Resources/split_einsum_v2\n" in card
     assert (
-        "NAME=Stable_Diffusion_version_org_model\nPACKAGES=split_einsum_v2/packages\n"
-        "OUT=Resources/split_einsum_v2\n"
-    ) in card
-    assert (
-        "xcrun coremlcompiler compile $PACKAGES/${NAME}_unet.mlpackage $OUT\n"
-        "mv $OUT/${NAME}_unet.mlmodelc $OUT/Unet.mlmodelc\n"
+        "xcrun coremlcompiler compile $PACKAGES/Stable_Diffusion_version_org_model_unet.mlpackage $OUT\n"
+        "mv $OUT/Stable_Diffusion_version_org_model_unet.mlmodelc $OUT/Unet.mlmodelc\n"
     ) in card
     assert (
         "--resource-path path/to/sd-coreml/Resources/split_einsum_v2 --compute-units cpuAndNeuralEngine"

@@ -129,5 +129,6 @@ def test_plan_names_the_chunks(tmp_path):
 
 def test_chunk_unet_without_a_unet_is_refused(tmp_path):
     recipe = _chunked_recipe(tmp_path, "text_encoder")
-    with pytest.raises(RecipeError, match=r"chunked.yaml:6: conversion: chunk_unet needs 'unet' in components$"):
+    with pytest.raises(RecipeError, match=r"chunked.yaml:6: conversion: chunk_unet needs one of unet, control_unet in"
+                                          r" components$"):
         load_recipe(recipe)

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from publisher import components, wrappers
-from publisher.components import TABLE, chunk_names, component_names, swift_resource, whole_component
+from publisher.components import (
+    TABLE,
+    chunk_names,
+    component_names,
+    package_suffix,
+    swift_resource,
+    whole_component,
+)
 from publisher.recipe import Compression, Conversion
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,11 +40,26 @@ def test_the_recipe_schema_follows_the_table():
     [("text_encoder", "TextEncoder"), ("text_encoder_2", "TextEncoder2"), ("unet", "Unet"),
      ("unet_chunk1", "UnetChunk1"), ("unet_chunk2", "UnetChunk2"), ("vae_decoder", "VAEDecoder"),
      ("vae_encoder", "VAEEncoder"), ("control_unet", "ControlledUnet"),
-     ("control_unet_chunk1", "ControlledUnetChunk1"), ("controlnet", None)],
+     ("control_unet_chunk1", "ControlledUnetChunk1"), ("control_unet_chunk2", "ControlledUnetChunk2")],
 )
-def test_swift_resource_names_are_apples(package: str, resource: str | None):
-    """StableDiffusionPipeline+Resources.swift's names (ControlNets are loaded by the app's own names)."""
+def test_swift_resource_names_are_apples(package: str, resource: str):
+    """StableDiffusionPipeline+Resources.swift's names, as Apple's bundle_resources_for_swift_cli compiles them."""
     assert swift_resource(package) == resource
+
+
+def test_a_controlnets_compiled_name_is_its_model_title_cased():
+    """torch2coreml.py: ``"".join(word.title() for word in re.split('_|-', name))`` under controlnet/."""
+    package = "original/packages/ControlNet_lllyasviel_sd-controlnet-mlsd.mlpackage"
+    assert swift_resource("controlnet", package) == "controlnet/LllyasvielSdControlnetMlsd"
+    with pytest.raises(ValueError, match="file name"):
+        swift_resource("controlnet")
+
+
+@pytest.mark.parametrize(("package", "suffix"), [("unet", "unet"), ("unet_chunk2", "unet_chunk2"),
+                                                   ("control_unet", "control-unet"),
+                                                   ("control_unet_chunk1", "control-unet_chunk1")])
+def test_package_suffixes_are_apples(package: str, suffix: str):
+    assert package_suffix(package) == suffix
 
 
 def test_chunk_names_round_trip():

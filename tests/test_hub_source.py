@@ -105,3 +105,29 @@ def test_the_report_carries_the_sources_warnings():
     source.warnings.append("The source's model card could not be read: ValueError")
     report = make_report(recipe, source, Build(), Parity(), Monitor(quiet=True))
     assert report.source_warnings == ["The source's model card could not be read: ValueError"]
+
+
+def test_a_hub_source_with_pickled_weights_only_is_refused_before_any_conversion(tmp_path, api, hub_cli, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from publisher.cli import main
+
+    pickled = tmp_path / "unet.bin"
+    torch.save(load_file(TINY_SOURCE / "unet" / "diffusion_pytorch_model.safetensors"), pickled)
+    api.upload_folder(folder_path=TINY_SOURCE, repo_id=REPO, ignore_patterns=["unet/*.safetensors"])
+    revision = api.upload_file(path_or_fileobj=pickled, path_in_repo="unet/diffusion_pytorch_model.bin",
+                               repo_id=REPO).oid
+    recipe = yaml.safe_load(DEMO_RECIPE.read_text())
+    recipe["source"] = {"repo": REPO, "revision": revision}
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "published"
+
+    capsys.readouterr()
+    assert main(["publish", str(recipe_file), "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.strip().splitlines()[-1] == (
+        f"error: {REPO}/unet: has no safetensors weights; pickled weights (.bin) are refused, since loading one runs"
+        " code from the file: use a revision with .safetensors weights")
+    assert not out.exists() and not list(tmp_path.glob(".published.*"))

@@ -238,7 +238,7 @@ class StageClock:
         time.sleep(seconds)
         self.spans[name] = (start, time.perf_counter(), threading.current_thread().name)
 
-    def convert(self, recipe_file, component, attention, package: Path) -> ConvertedComponent:
+    def convert(self, recipe_file, component, attention, package: Path, assembly=None) -> ConvertedComponent:
         self._span(f"convert {component}", 0.6 if component == "unet" else 0.2)
         package.mkdir(parents=True)
         (package / "weights.bin").write_text(component)

@@ -476,8 +476,10 @@ def test_compiled_variant_names_every_pipeline_model_and_zips_reproducibly(tmp_p
     for name in ("merges.txt", "vocab.json"):
         (folder / name).write_text(name)
     packages = {}
-    for component in ("text_encoder", "text_encoder_2", "unet", "control_unet", "vae_decoder", "controlnet"):
-        packages[component] = folder / f"{component}.mlpackage"
+    names = {"controlnet": "ControlNet_lllyasviel_control_v11p_sd15_canny"}
+    for component in ("text_encoder", "text_encoder_2", "unet", "control_unet_chunk1", "control_unet_chunk2",
+                      "vae_decoder", "controlnet"):
+        packages[component] = folder / f"{names.get(component, component)}.mlpackage"
         (packages[component] / "Data" / "com.apple.CoreML" / "weights").mkdir(parents=True)
         for name in ("model.mlmodel", "weights/weight.bin"):
             (packages[component] / "Data" / "com.apple.CoreML" / name).write_bytes(component.encode())
@@ -486,14 +488,15 @@ def test_compiled_variant_names_every_pipeline_model_and_zips_reproducibly(tmp_p
     for attempt in ("first", "second"):
         compiled = compile_variant(folder, packages, tmp_path / attempt / "x_split_einsum_compiled",
                                    FakeCoreML().compile)
-        assert sorted(path.name for path in compiled.iterdir()) == [
-            "ControlledUnet.mlmodelc", "TextEncoder.mlmodelc", "TextEncoder2.mlmodelc", "Unet.mlmodelc",
-            "VAEDecoder.mlmodelc", "merges.txt", "vocab.json",
+        # Apple's bundle_resources_for_swift_cli names, which its Swift pipeline loads.
+        assert sorted(path.relative_to(compiled).as_posix() for path in compiled.glob("**/*.mlmodelc")) == [
+            "ControlledUnetChunk1.mlmodelc", "ControlledUnetChunk2.mlmodelc", "TextEncoder.mlmodelc",
+            "TextEncoder2.mlmodelc", "Unet.mlmodelc", "VAEDecoder.mlmodelc",
+            "controlnet/LllyasvielControlV11PSd15Canny.mlmodelc",
         ]
+        assert {"merges.txt", "vocab.json"} <= {path.name for path in compiled.iterdir()}
         archives.append(zip_compiled(compiled).read_bytes())
     assert archives[0] == archives[1]
-    controlnet_only = {"controlnet": packages["controlnet"]}
-    assert compile_variant(folder, controlnet_only, tmp_path / "cn", FakeCoreML().compile) is None
 
 
 def test_bench_device_times_each_configuration_and_records_it(published: Path):
