@@ -1,5 +1,5 @@
-"""A regular install publishes the demo: build the wheel, install it (not editable) into a fresh venv, and
-publish a copy of recipes/examples from outside the checkout.
+"""A regular install publishes the demo: build the wheel, install it (not editable) into a fresh venv,
+publish a copy of recipes/examples from outside the checkout, and size a Hub recipe from the packaged configs.
 
 Run with the interpreter whose environment holds the dependencies (`.ci/run` runs it after its install).
 It takes minutes, most of them the demo's conversion, so it is a step of `.ci/run` and of CI's test job
@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "tiny-sd-palettized.yaml"
+HUB_RECIPE = "stable-diffusion-v1-5.yaml"
 
 
 def run(command: list[str | Path], **kwargs) -> subprocess.CompletedProcess:
@@ -34,7 +35,10 @@ def copy_sources(destination: Path) -> None:
                  capture_output=True, text=True).stdout
     for name in filter(None, listed.split("\0")):
         source = ROOT / name
-        if source.is_file():  # a tracked file deleted in the working tree is not part of it
+        if source.is_symlink():  # the configs share folders through links, which the wheel resolves
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            (destination / name).symlink_to(os.readlink(source))
+        elif source.is_file():  # a tracked file deleted in the working tree is not part of it
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / name)
 
@@ -42,7 +46,9 @@ def copy_sources(destination: Path) -> None:
 def check_wheel_contents(wheel: Path, sources: Path) -> None:
     """Every file of the package's source folder is in the wheel (the card templates are package data)."""
     package = sources / "publisher"
-    expected = {path.relative_to(sources).as_posix() for path in package.rglob("*") if path.is_file()}
+    expected = {(Path(folder) / name).relative_to(sources).as_posix()
+                for folder, _, names in os.walk(package, followlinks=True) for name in names}
+    expected = {name for name in expected if "__pycache__" not in name}
     with zipfile.ZipFile(wheel) as archive:
         missing = expected - set(archive.namelist())
     if missing:
@@ -94,6 +100,12 @@ def main() -> None:
         card = out / "README.md"
         if not card.is_file() or "tiny-sd-palettized" not in card.read_text():
             sys.exit(f"no model card at {card}")
+        # The architecture configs are package data: the installed package sizes a Hub recipe offline.
+        hub_recipe = Path(shutil.copy(ROOT / "recipes" / HUB_RECIPE, work / HUB_RECIPE))
+        plan = run([python.parent / "publisher", "plan", hub_recipe], cwd=work, env=env, capture_output=True,
+                   text=True).stdout
+        if " ? " in plan or "stable-diffusion-v1-5" not in plan:
+            sys.exit(f"the installed package could not size {HUB_RECIPE} from its configs:\n{plan}")
     print(f"wheel check passed in {time.monotonic() - started:.0f} s")
 
 

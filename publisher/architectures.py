@@ -1,16 +1,16 @@
 """Architectures: the shipped architecture config (``configs/``) of each known Hub repository.
 
 ``publisher plan`` sizes a Hub recipe without downloading anything: it builds the models on the meta
-device from the config this checkout ships for the repository (``configs/README.md`` says which is
-which). ``configs/`` sits at the repository root, beside the package, so a wheel install has none:
-:func:`architecture` then says so and plan prints ``?``.
+device from the config the package ships for the repository (``configs/README.md`` says which is
+which), and a single-file checkpoint loads into its family's. The configs are package data
+(``publisher/configs``, linked from the repository root as ``configs/``), so a wheel install has them too.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 # Hub repo id -> its folder under configs/: a pipeline (model_index.json) or one model (config.json).
 ARCHITECTURES = {
@@ -37,12 +37,8 @@ def architecture(repo: str) -> Path:
         `Path`: the folder under ``configs/``, laid out like the repository without its weights.
 
     Raises:
-        `LookupError`: no architecture is known for ``repo``, or ``configs/`` is not installed; the
-        message says which, as one line.
+        `LookupError`: no architecture is known for ``repo``; the message says so, as one line.
     """
     if repo not in ARCHITECTURES:
         raise LookupError(f"no architecture config is known for {repo} (publisher/architectures.py)")
-    if not CONFIGS.is_dir():
-        raise LookupError(f"the architecture configs (configs/) are not installed beside the package, as in a "
-                          f"wheel install: run plan from a checkout to size {repo}")
     return CONFIGS / ARCHITECTURES[repo]

@@ -134,13 +134,24 @@ def detect_family(path: Path, keys: Iterable[str], declared: str | None) -> Chec
 
 def config_folder(source: Source, family: CheckpointFamily) -> Path:
     """The architecture a single file loads into: the recipe's ``source.config``, else the family's shipped one."""
+    return source.config if source.config is not None else CONFIGS / family.config
+
+
+def single_file_architecture(source: Source) -> Path:
+    """The configs folder a single-file source loads into, known before it loads (for ``plan``): the recipe's
+    ``source.config``, or the shipped one of the family its keys (a local file) or the recipe (a Hub file) name.
+
+    Raises:
+        `LookupError`: a Hub file of undeclared family, whose keys are only read once it downloads.
+    """
     if source.config is not None:
         return source.config
-    folder = CONFIGS / family.config
-    if not folder.is_dir():
-        raise RecipeError(f"the shipped architecture configs (configs/) are not installed beside the package, as in a"
-                          f" wheel install: give source.config, a diffusers folder of {family.name} configs")
-    return folder
+    if source.path is not None:
+        return config_folder(source, detect_family(source.path, read_keys(source.path), source.family))
+    declared = next((family for family in CHECKPOINT_FAMILIES if family.family == source.family), None)
+    if declared is None:
+        raise LookupError(f"the family of {source.display} is read from its keys once it downloads: give source.family")
+    return CONFIGS / declared.config
 
 
 def check_single_file_source(source: Source) -> tuple[CheckpointFamily | None, dict[str, Any] | None]:

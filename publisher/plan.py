@@ -21,6 +21,7 @@ from accelerate import init_empty_weights
 
 from publisher.architectures import CONFIGS, architecture
 from publisher.assemble import package_path
+from publisher.checkpoint import single_file_architecture
 from publisher.components import TABLE, component_spec
 from publisher.errors import RecipeError
 from publisher.recipe import Palettize, Recipe, Scheme, load_recipe
@@ -123,16 +124,19 @@ def model_folder(recipe: Recipe, component: str) -> Path:
         component (`str`): A component it converts.
 
     Returns:
-        `Path`: the local source's folder, or the shipped architecture of its Hub repository.
+        `Path`: the local source's folder, the shipped architecture of its Hub repository, or the architecture a
+        single-file checkpoint loads into.
 
     Raises:
-        `LookupError`: a Hub repository without a shipped architecture, or no ``configs/`` installed.
+        `LookupError`: a Hub repository without a shipped architecture, or a Hub file of undeclared family.
     """
     source = recipe.source
     model = component_spec(component).model
     separate = source.controlnet if model == "controlnet" else source.vae if model == "vae" else None
-    if separate is not None:
+    if separate is not None and not separate.is_single_file:  # a VAE file has the pipeline's architecture
         return separate.path or architecture(separate.repo)
+    if source.is_single_file:
+        return single_file_architecture(source) / model
     return (source.path or architecture(source.repo)) / model
 
 
@@ -236,8 +240,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
 
     Returns:
         `Plan`: one row per variant and component; sizes are ``None`` where no config is at hand (a Hub
-        repository without a shipped architecture, or a wheel install without ``configs/``), and
-        ``Plan.unknown`` says why.
+        repository without a shipped architecture), and ``Plan.unknown`` says why.
     """
     family = inspect_source(recipe).family or (_architecture_family(recipe) if recipe.source.repo else None)
     estimates: dict[str, tuple[int | None, int | None]] = {}

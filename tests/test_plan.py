@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from publisher import architectures
 from publisher.cli import main
 from publisher.plan import Plan, describe_plan, plan_recipe
 from publisher.recipe import load_recipe
@@ -109,15 +108,6 @@ def test_an_unknown_hub_repo_prints_question_marks_and_says_why(tmp_path: Path):
     text = describe_plan(_hub_recipe(tmp_path, "someone/unknown-model"))
     assert all(row.split().count("?") == 2 for row in _rows(text))
     assert "someone/unknown-model" in text.splitlines()[-1] and "architecture" in text.splitlines()[-1]
-
-
-def test_without_the_configs_folder_a_wheel_install_falls_back_to_question_marks(tmp_path, monkeypatch):
-    monkeypatch.setattr(architectures, "CONFIGS", tmp_path / "absent")
-    text = describe_plan(_hub_recipe(tmp_path, "stable-diffusion-v1-5/stable-diffusion-v1-5"))
-    assert all(row.split().count("?") == 2 for row in _rows(text))
-    assert "configs/" in text.splitlines()[-1]
-    # A local source still has its own configs.
-    assert "?" not in describe_plan(DEMO_RECIPE)
 
 
 def test_a_missing_recipe_is_one_line_and_exit_2(tmp_path: Path, capsys):

@@ -323,3 +323,16 @@ def test_the_example_files_are_what_the_fixtures_write(tmp_path, pipelines):
     save_file(kohya_lora(pipe, rank=2, seed=1, family="sd1", alpha=1.0), lora)
     for written in (checkpoint, lora):
         assert sha256(written) == sha256(example / written.name), written.name
+
+
+def test_plan_sizes_a_single_file_recipe_from_the_architecture_it_loads_into(tmp_path):
+    from publisher.plan import describe_plan
+
+    example = describe_plan(ROOT / "recipes" / "examples" / "tiny-sd-single-file.yaml")
+    assert " ? " not in example and "2446788" in example  # the tiny UNet's parameters, from the file's config
+    hub = {"repo": "someone/community-model", "revision": "a" * 40, "filename": "model.safetensors"}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "x", "source": {**hub, "family": "sd1"}, "target": {"repo": "me/x"}}))
+    assert " ? " not in describe_plan(recipe) and "859520964" in describe_plan(recipe)  # SD 1.5's UNet
+    recipe.write_text(yaml.safe_dump({"name": "x", "source": hub, "target": {"repo": "me/x"}}))
+    assert describe_plan(recipe).splitlines()[-1].endswith("once it downloads: give source.family")
