@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["text_encoder", "denoiser", "vae", "controlnet"]
+Role = Literal["text_encoder", "denoiser", "vae", "controlnet", "safety_checker"]
 
 # Apple's chunked UNets (--chunk-unet): two packages, loaded as <Resource>Chunk1 / <Resource>Chunk2.
 CHUNKS = ("chunk1", "chunk2")
@@ -51,6 +51,8 @@ class ComponentSpec:
             Converted when a recipe does not list its components.
         chunkable (`bool`):
             Split in two packages by ``conversion.chunk_unet``, as Apple's ``--chunk-unet`` splits its UNets.
+        optional (`bool`):
+            A default component only for sources that have its model (a recipe listing it needs one).
     """
 
     name: str
@@ -62,6 +64,7 @@ class ComponentSpec:
     in_images: bool = False
     default: bool = False
     chunkable: bool = False
+    optional: bool = False
 
     @property
     def is_denoiser(self) -> bool:
@@ -81,6 +84,9 @@ TABLE: dict[str, ComponentSpec] = {
         ComponentSpec("vae_encoder", "vae", "vae", "vae_encoder", "VAEEncoder", traced_small=True, default=True),
         ComponentSpec("controlnet", "controlnet", "controlnet", None, None),
         ComponentSpec("control_unet", "denoiser", "unet", "control-unet", "ControlledUnet", chunkable=True),
+        # Apple's Python pipeline loads it whenever the source pipeline has one, and fails without it.
+        ComponentSpec("safety_checker", "safety_checker", "safety_checker", "safety_checker", "SafetyChecker",
+                      default=True, optional=True),
     )
 }
 NAMES = tuple(TABLE)
@@ -142,10 +148,12 @@ def package_suffix(name: str) -> str:
 
 def pipeline_components(models: Iterable[str], *, controlled: bool) -> tuple[str, ...]:
     """What Apple's pipelines load for a source holding ``models`` (pipeline folders): every text encoder it
-    has, the denoiser (the control-unet and a ControlNet when ``controlled``) and the VAE decoder."""
+    has, the denoiser (the control-unet and a ControlNet when ``controlled``), the VAE decoder and the safety
+    checker it has."""
     models = set(models)
     denoisers = tuple(name for name, entry in TABLE.items()
                       if (entry.role == "controlnet" or entry.name == "control_unet") == controlled
                       and entry.role in ("denoiser", "controlnet"))
     return (*(name for name in component_names("text_encoder") if TABLE[name].model in models), *denoisers,
-            *(name for name in component_names("vae", in_images=True)))
+            *(name for name in component_names("vae", in_images=True)),
+            *(name for name in component_names("safety_checker") if TABLE[name].model in models))

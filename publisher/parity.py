@@ -150,11 +150,21 @@ def component_inputs(recipe: Recipe, source: LoadedSource, component: str) -> li
         return [{"z": (generator.standard_normal(shapes["z"]) / scaling).astype(np.float32)}]
     if component == "vae_encoder":
         _, _, height, width = shapes["x"]
-        y, x = np.mgrid[0:height, 0:width] / max(height, width)
-        # A smooth, structured image (not noise): what the encoder is made for.
-        image = np.stack([np.sin(6 * x), np.cos(5 * y), np.sin(4 * (x + y))])[None]
-        return [{"x": image.astype(np.float32)}]
+        return [{"x": structured_image(height, width)[None]}]
+    if component_spec(component).role == "safety_checker":
+        _, height, width, _ = shapes["images"]
+        images = ((structured_image(height, width) + 1) / 2).transpose(1, 2, 0)[None]
+        # The feature extractor's crop and normalization, as Apple's Python pipeline feeds the checker.
+        clip_input = source.pipe.feature_extractor(images=list(images), do_rescale=False, return_tensors="np")
+        return [{"clip_input": clip_input.pixel_values.astype(np.float32), "images": images,
+                 "adjustment": np.zeros(shapes["adjustment"], np.float32)}]
     raise ValueError(f"unknown component {component!r}")
+
+
+def structured_image(height: int, width: int) -> np.ndarray:
+    """A smooth image in [-1, 1], channels first: structure (not noise), what image models are made for."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    return np.stack([np.sin(6 * x), np.cos(5 * y), np.sin(4 * (x + y))]).astype(np.float32)
 
 
 def _denoiser_cases(recipe: Recipe, source: LoadedSource, shapes: dict[str, tuple[int, ...]],

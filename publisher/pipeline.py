@@ -55,7 +55,7 @@ from publisher.report import (
     VariantReport,
     tool_versions,
 )
-from publisher.source import LoadedSource, load_source, release_memory
+from publisher.source import LoadedSource, load_source, release_memory, with_source_components
 from publisher.validate import validate_recipe
 from publisher.wrappers import image_size
 
@@ -134,6 +134,7 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
         with monitor.stage("load source", record=False):
             # Configs and tokenizer only: each stage loads the weights of the component it works on.
             source = load_source(recipe, models=(), assembly=assembly)
+            recipe = with_source_components(recipe, source.model_classes)  # a Hub source is known once it loads
             inputs = weight_inputs(recipe) + list(assembly.inputs if assembly else ())
         run = Run(recipe, source, source_identity(recipe), cache, monitor, work, entries)
         missing = missing_components(recipe, source)

@@ -25,7 +25,7 @@ from publisher.checkpoint import single_file_architecture
 from publisher.components import TABLE, component_spec
 from publisher.errors import RecipeError
 from publisher.recipe import Palettize, Recipe, Scheme, load_recipe
-from publisher.source import LoadedSource, detect_family, inspect_source
+from publisher.source import LoadedSource, detect_family, inspect_source, model_class, with_source_components
 from publisher.wrappers import reference_module
 
 # MIL blob storage (coremltools' weight.bin): a 64-byte file header, then per tensor a 64-byte header and
@@ -77,7 +77,7 @@ def empty_model(folder: Path) -> torch.nn.Module:
     with init_empty_weights():
         if "_class_name" in config:
             return getattr(diffusers, config["_class_name"]).from_config(config)
-        return getattr(transformers, config["architectures"][0])(transformers.AutoConfig.from_pretrained(folder))
+        return model_class(config["architectures"][0])(transformers.AutoConfig.from_pretrained(folder))
 
 
 def converted_module(component: str, model: torch.nn.Module, family: str = "sd1") -> torch.nn.Module:
@@ -205,7 +205,7 @@ def _constants(module: torch.nn.Module) -> list[tuple[torch.Size, bool]]:
     gathered = set()
     masks = []
     for model in module.modules():
-        if isinstance(model, transformers.PreTrainedModel):
+        if isinstance(model, transformers.PreTrainedModel) and model.main_input_name == "input_ids":  # text models
             gathered.add(id(model.get_input_embeddings().weight))
             sequence = model.config.max_position_embeddings
             masks.append((torch.Size((sequence, sequence)), False))
@@ -242,7 +242,9 @@ def plan_recipe(recipe: Recipe) -> Plan:
         `Plan`: one row per variant and component; sizes are ``None`` where no config is at hand (a Hub
         repository without a shipped architecture), and ``Plan.unknown`` says why.
     """
-    family = inspect_source(recipe).family or (_architecture_family(recipe) if recipe.source.repo else None)
+    info = inspect_source(recipe)
+    family = info.family or (_architecture_family(recipe) if recipe.source.repo else None)
+    recipe = with_source_components(recipe, info.components or _architecture_models(recipe))
     estimates: dict[str, tuple[int | None, int | None]] = {}
     unknown = None
     for component in recipe.conversion.components:
@@ -266,6 +268,17 @@ def plan_recipe(recipe: Recipe) -> Plan:
                                            recipe.compression.for_component(component).describe(),
                                            *estimates[component]))
     return Plan(tuple(packages), family, unknown)
+
+
+def _architecture_models(recipe: Recipe) -> tuple[str, ...]:
+    """The models of the architecture a Hub or single-file source is sized from; empty when none is known."""
+    try:
+        folder = single_file_architecture(recipe.source) if recipe.source.is_single_file else architecture(
+            str(recipe.source.repo))
+    except (LookupError, RecipeError):
+        return ()
+    index = json.loads((folder / "model_index.json").read_text())
+    return tuple(name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None)
 
 
 def _architecture_family(recipe: Recipe) -> str | None:

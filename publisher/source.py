@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +34,7 @@ from publisher.source_check import (
     TOKENIZER_FILES,
     check_source,
     check_tokenizer,
+    library_class,
     refuse,
 )
 
@@ -242,7 +243,19 @@ def release_memory() -> None:
             pass
 
 
+def with_source_components(recipe: Recipe, present: Iterable[str]) -> Recipe:
+    """The recipe with the optional default components its source lacks left out (a pipeline without a safety
+    checker); a recipe that lists its components keeps them, and `_check_components` refuses what is missing."""
+    if "components" in recipe.conversion.model_fields_set:
+        return recipe
+    present = set(present)
+    kept = tuple(component for component in recipe.conversion.components
+                 if not component_spec(component).optional or component_spec(component).model in present)
+    return recipe.model_copy(update={"conversion": recipe.conversion.model_copy(update={"components": kept})})
+
+
 def _check_components(recipe: Recipe, present: tuple[str, ...], family: Family) -> None:
+    recipe = with_source_components(recipe, present)
     for component in recipe.conversion.components:
         model = component_spec(component).model
         # A ControlNet comes from source.controlnet, not from the pipeline's folders.
@@ -295,7 +308,7 @@ def load_source(recipe: Recipe, models: tuple[str, ...] | None = None,
     given = {name: _model(recipe, assembly, classes, name, weights=name in loaded)
              for name in classes if separate(name) or name not in loaded}
     controlnet = given.pop("controlnet", None)
-    if "safety_checker" in model_index:  # never converted; only SD 1.x/2.x pipelines name one
+    if "safety_checker" in model_index and "safety_checker" not in classes:  # listed without a model
         given["safety_checker"] = None
     try:
         # use_safetensors: a pickle is refused, not unpickled (torch.load on user input runs code); the check of a
@@ -344,11 +357,10 @@ def _location(origin: ModelSource) -> str:
     return str(origin.path) if origin.path is not None else str(origin.repo)
 
 
-def _model_class(class_name: str) -> Any:
-    import diffusers
-    import transformers
-
-    return getattr(diffusers, class_name, None) or getattr(transformers, class_name)
+def model_class(class_name: str) -> Any:
+    """A model class by name: diffusers', transformers', or the safety checker of diffusers' SD pipelines."""
+    return next(filter(None, (library_class(library, class_name)
+                              for library in ("diffusers", "transformers", "stable_diffusion"))))
 
 
 def _load_model(class_name: str, location: str, revision: str | None, subfolder: str | None = None) -> Any:
@@ -357,7 +369,7 @@ def _load_model(class_name: str, location: str, revision: str | None, subfolder:
 
     try:
         where = {"subfolder": subfolder} if subfolder else {}
-        return _model_class(class_name).from_pretrained(location, revision=revision, torch_dtype=torch.float32,
+        return model_class(class_name).from_pretrained(location, revision=revision, torch_dtype=torch.float32,
                                                         use_safetensors=True, **where)  # never unpickle
     except OSError as exc:
         raise _load_error(f"the {class_name}", location, exc) from None
@@ -368,7 +380,7 @@ def _empty_model(class_name: str, location: str, revision: str | None, subfolder
     import transformers
     from accelerate import init_empty_weights
 
-    cls = _model_class(class_name)
+    cls = model_class(class_name)
     try:
         if issubclass(cls, transformers.PreTrainedModel):
             config = transformers.AutoConfig.from_pretrained(location, subfolder=subfolder or "", revision=revision)
@@ -429,8 +441,8 @@ def _torch_models(index: dict[str, Any]) -> dict[str, str]:
 
     models = {}
     for name, spec in index.items():
-        if isinstance(spec, list) and spec[0] in ("diffusers", "transformers") and spec[1] is not None:
-            cls = _model_class(spec[1])
+        if isinstance(spec, list) and len(spec) == 2 and spec[1] is not None:
+            cls = library_class(*spec)
             if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
                 models[name] = spec[1]
     return models

@@ -83,8 +83,8 @@ def check_source(recipe: Recipe, snapshot: Path | None = None) -> dict[str, Any]
                 folders[name] = pipeline / name
                 configs[name] = _check_component(folders[name], cls,
                                                  weights=snapshot is None and name in WEIGHTED_MODELS)
-    separate = {"vae": (source.vae, classes.get("vae") or _library_class("diffusers", "AutoencoderKL")),
-                "controlnet": (source.controlnet, _library_class("diffusers", CONTROLNET_CLASS))}
+    separate = {"vae": (source.vae, classes.get("vae") or library_class("diffusers", "AutoencoderKL")),
+                "controlnet": (source.controlnet, library_class("diffusers", CONTROLNET_CLASS))}
     for name, (origin, cls) in separate.items():
         if origin is not None and origin.path is not None and not origin.is_single_file:  # a file: checkpoint.py
             folders[name] = origin.path
@@ -95,8 +95,9 @@ def check_source(recipe: Recipe, snapshot: Path | None = None) -> dict[str, Any]
 
 def _passed(recipe: Recipe) -> set[str]:
     """The components the loader is given instead of reading them from the pipeline's folders: the safety
-    checker (never converted) and the VAE when the recipe names its own."""
-    return {"safety_checker"} | ({"vae"} if recipe.source.vae is not None else set())
+    checker unless it is converted, and the VAE when the recipe names its own."""
+    passed = {"vae"} if recipe.source.vae is not None else set()
+    return passed | (set() if "safety_checker" in recipe.conversion.components else {"safety_checker"})
 
 
 def _check_model_index(index: Any, path: Path, passed: set[str]) -> dict[str, type]:
@@ -121,7 +122,7 @@ def _check_model_index(index: Any, path: Path, passed: set[str]) -> dict[str, ty
 
     if not isinstance(index, dict):
         raise refuse(path, "is not a JSON object", REFETCH)
-    pipeline = _library_class("diffusers", index.get("_class_name"))
+    pipeline = library_class("diffusers", index.get("_class_name"))
     if not (isinstance(pipeline, type) and issubclass(pipeline, DiffusionPipeline)):
         raise refuse(path, f"_class_name: {index.get('_class_name')!r} is not a diffusers pipeline",
                      'name the pipeline class, e.g. "StableDiffusionPipeline"')
@@ -138,7 +139,7 @@ def _check_model_index(index: Any, path: Path, passed: set[str]) -> dict[str, ty
                              f"add its [library, class] and its {name} folder")
             continue
         library, class_name = spec
-        cls = _library_class(library, class_name)
+        cls = library_class(library, class_name)
         if cls is None:
             raise refuse(path, f"{name}: unknown class {class_name!r} in library {library!r}",
                          "name a diffusers or transformers class, as the library saved it")
@@ -179,7 +180,7 @@ def _config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _library_class(library: Any, class_name: Any) -> type | None:
+def library_class(library: Any, class_name: Any) -> type | None:
     """The class a pipeline component names, resolved as diffusers does: in diffusers, transformers, or a
     diffusers pipeline module (``["stable_diffusion", "StableDiffusionSafetyChecker"]``); None if unknown.
 

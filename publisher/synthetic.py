@@ -17,7 +17,7 @@ import diffusers
 import torch
 import transformers
 
-MODEL_LIBRARIES = ("diffusers", "transformers")
+from publisher.source_check import library_class
 
 
 def build_pipeline(config_dir: Path, out_dir: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
@@ -35,21 +35,16 @@ def build_pipeline(config_dir: Path, out_dir: Path, *, seed: int = 0, dtype: tor
         shutil.copytree(config_dir, staging, dirs_exist_ok=True)
         torch.manual_seed(seed)
         for name, spec in sorted(index.items()):
-            if not isinstance(spec, list) or spec[0] not in MODEL_LIBRARIES:
-                continue
-            library, class_name = spec
-            cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
-            if not hasattr(cls, "from_config") and not hasattr(cls, "config_class"):
+            cls = library_class(*spec) if isinstance(spec, list) and len(spec) == 2 else None
+            if cls is None:
                 continue
             component_dir = config_dir / name
-            if library == "diffusers" and hasattr(cls, "from_config") and hasattr(cls, "save_pretrained"):
-                if not (component_dir / "config.json").is_file():
-                    continue  # schedulers keep their own config file and have no weights
+            if issubclass(cls, diffusers.ModelMixin):
                 model = cls.from_config(cls.load_config(component_dir))
-            elif library == "transformers" and issubclass(cls, transformers.PreTrainedModel):
+            elif issubclass(cls, transformers.PreTrainedModel):  # the safety checker too
                 model = cls(transformers.AutoConfig.from_pretrained(component_dir))
             else:
-                continue  # tokenizers and feature extractors are copied as files
+                continue  # schedulers, tokenizers and feature extractors are copied as files
             if dtype != torch.float32:
                 model = model.to(dtype)
             model.save_pretrained(staging / name, safe_serialization=True)

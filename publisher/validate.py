@@ -11,16 +11,20 @@ from pathlib import Path
 
 from publisher.card import check_template
 from publisher.recipe import Recipe, load_recipe
-from publisher.source import inspect_source
+from publisher.source import inspect_source, with_source_components
 
 
 def validate_recipe(path: str | Path) -> Recipe:
     """Load and check the recipe at ``path``, its source and its card template, without converting anything.
+
+    Returns:
+        [`~publisher.recipe.Recipe`]: the recipe, without the optional default components its (local) source lacks.
 
     Raises:
         [`~publisher.errors.RecipeError`]:
             One line naming the file, the line and the field at fault.
     """
     recipe = load_recipe(path)
-    check_template(recipe, inspect_source(recipe).family)
-    return recipe
+    info = inspect_source(recipe)
+    check_template(recipe, info.family)
+    return with_source_components(recipe, info.components) if info.components else recipe

@@ -97,6 +97,12 @@ FEATURE_DESCRIPTIONS = {
     "image": "The decoded image, in [-1, 1]",
     "x": "The image to encode, in [-1, 1]",
     "latent": "The encoded latents",
+    "clip_input": "The image normalized and cropped by the source's feature extractor, channels first (BCHW)",
+    "images": "The decoded images in [0, 1], channels last (BHWC)",
+    "adjustment": "A bias added to the concept scores: higher flags more images",
+    "filtered_images": "The input images, with those showing a flagged concept replaced by zeros",
+    "has_nsfw_concepts": "1 for each image where the checker found a flagged concept",
+    "concept_scores": "The scores before thresholding at zero (has_nsfw_concepts); tune adjustment with them",
 }
 RESIDUAL_DESCRIPTION = "A ControlNet residual: a down block's output (the last is the mid block's)"
 
@@ -355,3 +361,56 @@ def _vae_decoder_io(io: IOContext) -> ComponentIO:
 @contract("vae_encoder")
 def _vae_encoder_io(io: IOContext) -> ComponentIO:
     return ComponentIO((TensorSpec("x", (1, 3, io.pixels, io.pixels), io.float_dtype),), ("latent",))
+
+
+# ---------------------------------------------------------------------------------------------
+# Safety checker
+
+
+class SafetyChecker(torch.nn.Module):
+    """Apple's safety checker contract (torch2coreml.py ``convert_safety_checker``): ``clip_input`` (the feature
+    extractor's normalized 224x224 crop, BCHW), ``images`` (the decoded images in [0, 1], BHWC), ``adjustment``
+    (a bias on the concept scores) -> ``filtered_images`` (flagged images zeroed), ``has_nsfw_concepts``,
+    ``concept_scores`` (the scores before thresholding at zero).
+
+    diffusers' forward loops over images in Python and branches on the scores, which a trace would freeze:
+    this is its vectorized form, as Apple's ``forward_coreml``.
+    """
+
+    def __init__(self, checker: torch.nn.Module) -> None:
+        super().__init__()
+        self.checker = checker
+
+    def forward(self, clip_input: torch.Tensor, images: torch.Tensor,
+                adjustment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        checker = self.checker
+        image_embeds = checker.visual_projection(checker.vision_model(clip_input)[1])
+        embeds = torch.nn.functional.normalize(image_embeds)
+        special_cos = embeds @ torch.nn.functional.normalize(checker.special_care_embeds).T
+        cos = embeds @ torch.nn.functional.normalize(checker.concept_embeds).T
+        special_care = (special_cos - checker.special_care_embeds_weights + adjustment).gt(0).float().sum(1).gt(0)
+        concept_scores = cos - checker.concept_embeds_weights + special_care.float()[:, None] * 0.01
+        has_nsfw = concept_scores.gt(0).float().sum(1).gt(0).float()
+        filtered = images * (1 - has_nsfw)[:, None, None, None]
+        return filtered, has_nsfw, concept_scores
+
+
+@wraps("safety_checker")
+def _safety_checker(source: LoadedSource, name: str, attention: Attention) -> torch.nn.Module:
+    return SafetyChecker(source_model(source, name))
+
+
+@contract("safety_checker")
+def _safety_checker_io(io: IOContext) -> ComponentIO:
+    crop = clip_crop_size(io.source)
+    return ComponentIO((
+        TensorSpec("clip_input", (1, 3, crop, crop), io.float_dtype),
+        TensorSpec("images", (1, io.pixels, io.pixels, 3), io.float_dtype),
+        TensorSpec("adjustment", (1,), io.float_dtype),
+    ), ("filtered_images", "has_nsfw_concepts", "concept_scores"))
+
+
+def clip_crop_size(source: LoadedSource) -> int:
+    """The side of the square the source's feature extractor crops images to for the safety checker (224)."""
+    crop = source.pipe.feature_extractor.crop_size  # transformers 5: a SizeDict; 4: a dict or an int
+    return int(getattr(crop, "height", None) or (crop["height"] if isinstance(crop, dict) else crop))

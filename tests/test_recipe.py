@@ -167,9 +167,9 @@ BAD = [
     ),
     (
         "unknown-component-compression",
-        VALID + "  safety_checker: none\n",
+        VALID + "  feature_extractor: none\n",
         12,
-        "compression.safety_checker: unknown key",
+        "compression.feature_extractor: unknown key",
     ),
     (
         "unknown-component-conversion",
