@@ -46,7 +46,7 @@ class ComponentSpec:
         traced_small (`bool`):
             Traced on small inputs and converted at the recipe's size (convolutional, shape-agnostic trace).
         in_images (`bool`):
-            Run by the end-to-end text-to-image check.
+            Run by the end-to-end text-to-image check (when the source has its model).
         default (`bool`):
             Converted when a recipe does not list its components.
         chunkable (`bool`):
@@ -77,7 +77,8 @@ TABLE: dict[str, ComponentSpec] = {
     for entry in (
         ComponentSpec("text_encoder", "text_encoder", "text_encoder", "text_encoder", "TextEncoder", in_images=True,
                       default=True),
-        ComponentSpec("text_encoder_2", "text_encoder", "text_encoder_2", "text_encoder_2", "TextEncoder2"),
+        ComponentSpec("text_encoder_2", "text_encoder", "text_encoder_2", "text_encoder_2", "TextEncoder2",
+                      in_images=True),
         ComponentSpec("unet", "denoiser", "unet", "unet", "Unet", in_images=True, default=True, chunkable=True),
         ComponentSpec("vae_decoder", "vae", "vae", "vae_decoder", "VAEDecoder", traced_small=True, in_images=True,
                       default=True),

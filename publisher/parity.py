@@ -29,7 +29,6 @@ from publisher.wrappers import component_io, image_size, reference_module
 
 EXECUTOR_MODES: tuple[executor.Mode, ...] = ("fp32", "fp16")
 # The components the end-to-end text-to-image loop runs.
-IMAGE_COMPONENTS = component_names(in_images=True)
 COREML_RUNTIME = "coreml-runtime"
 GUIDANCE_SCALE = 7.5
 UNET_TIMESTEP_SAMPLES = 3  # early, middle and late in the schedule: errors differ across noise levels
@@ -325,9 +324,7 @@ def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[st
     pipe = source.pipe
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(recipe.parity.image_steps)
-    ids = tokenize(source, ["", prompt])
-    embeddings = np.concatenate([run("text_encoder", {"input_ids": row})["last_hidden_state"] for row in ids])
-    embeddings = embeddings.transpose(0, 2, 1)[:, :, None, :].astype(np.float32)
+    conditioning = _guided_conditioning(recipe, source, prompt, run)
     latent = image_size(recipe, source) // source.vae_scale_factor
     generator = torch.Generator().manual_seed(recipe.parity.seed)
     latents = torch.randn((1, pipe.unet.config.in_channels, latent, latent), generator=generator)
@@ -337,13 +334,34 @@ def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[st
         noise = run("unet", {
             "sample": model_input.numpy(),
             "timestep": np.full((2,), float(timestep), dtype=np.float32),
-            "encoder_hidden_states": embeddings,
+            **conditioning,
         })["noise_pred"]
         uncond, text = torch.from_numpy(noise.astype(np.float32)).chunk(2)
         guided = uncond + GUIDANCE_SCALE * (text - uncond)
         latents = scheduler.step(guided, timestep, latents).prev_sample
     z = (latents / pipe.vae.config.scaling_factor).numpy()
     return _to_uint8(run("vae_decoder", {"z": z})["image"].astype(np.float32))
+
+
+def _guided_conditioning(recipe: Recipe, source: LoadedSource, prompt: str,
+                         run: Callable[[str, Inputs], Outputs]) -> Inputs:
+    """The UNet's text inputs for the unconditional and the prompt's rows, from ``run``'s text encoders: the
+    hidden states of every encoder, concatenated (SDXL), and for SDXL the last one's pooled output with the
+    micro-conditioning (original size, crop corner, target size)."""
+    hidden, pooled = [], None
+    for encoder in (name for name in image_components(source) if component_spec(name).role == "text_encoder"):
+        first, pooled_name = component_io(recipe, source, encoder).outputs
+        outputs = [run(encoder, {"input_ids": row}) for row in tokenize(source, ["", prompt])]
+        hidden.append(np.concatenate([output[first] for output in outputs]))
+        pooled = np.concatenate([output[pooled_name] for output in outputs])
+    embeddings = np.concatenate(hidden, axis=-1).transpose(0, 2, 1)[:, :, None, :].astype(np.float32)
+    inputs = {"encoder_hidden_states": embeddings}
+    unet_inputs = {spec.name: spec.shape for spec in component_io(recipe, source, "unet").inputs}
+    if "time_ids" in unet_inputs:
+        size = image_size(recipe, source)
+        inputs["time_ids"] = np.tile(np.array([size, size, 0, 0, size, size], np.float32), (2, 1))
+        inputs["text_embeds"] = pooled.astype(np.float32)
+    return inputs
 
 
 def _recording(run: Callable[[str, Inputs], Outputs],
@@ -357,7 +375,7 @@ def _recording(run: Callable[[str, Inputs], Outputs],
 
 
 def reference_runner(recipe: Recipe, source: LoadedSource) -> Callable[[str, Inputs], Outputs]:
-    modules = {component: reference_module(source, component) for component in IMAGE_COMPONENTS}
+    modules = {component: reference_module(source, component) for component in image_components(source)}
 
     def run(component: str, inputs: Inputs) -> Outputs:
         return _reference(modules[component], inputs, component_io(recipe, source, component).outputs)
@@ -375,10 +393,21 @@ def package_runner(packages: Mapping[str, Path | Sequence[Path]], mode: executor
     return run
 
 
+def image_components(source: LoadedSource) -> tuple[str, ...]:
+    """What the text-to-image check runs for ``source``: the text encoders it has, the UNet and the VAE decoder."""
+    return tuple(name for name in component_names(in_images=True)
+                 if getattr(source.pipe, component_spec(name).model, None) is not None)
+
+
 def checks_images(recipe: Recipe, source: LoadedSource) -> bool:
-    """Whether the run draws end-to-end images: an SD 1.x/2.x text-to-image recipe with image steps."""
-    return (recipe.parity.image_steps > 0 and source.family != "sdxl"
-            and all(component in recipe.conversion.components for component in IMAGE_COMPONENTS))
+    """Whether the run draws end-to-end images: a text-to-image recipe (SD 1.x, 2.x, SDXL base) with image steps
+    that converts every component the images need.
+
+    The SDXL refiner (no first text encoder) refines a base image: this text-to-image loop is not its use.
+    """
+    components = image_components(source)
+    return (recipe.parity.image_steps > 0 and "text_encoder" in components
+            and all(component in recipe.conversion.components for component in components))
 
 
 def cases_from_images(recipe: Recipe, source: LoadedSource) -> tuple[str, ...]:
@@ -392,7 +421,7 @@ def cases_from_images(recipe: Recipe, source: LoadedSource) -> tuple[str, ...]:
     if not checks_images(recipe, source):
         return ()
     steps_enough = recipe.parity.image_steps >= UNET_TIMESTEP_SAMPLES
-    return tuple(component for component in IMAGE_COMPONENTS if component_spec(component).role == "vae"
+    return tuple(component for component in image_components(source) if component_spec(component).role == "vae"
                  or (component_spec(component).is_denoiser and steps_enough))
 
 
@@ -410,7 +439,7 @@ def reference_images(recipe: Recipe, source: LoadedSource) -> ReferenceImages:
     if not checks_images(recipe, source):
         return ReferenceImages([], {})
     calls: dict[str, list[tuple[Inputs, Outputs]]] = {}
-    with source.weights(*(component_spec(component).model for component in IMAGE_COMPONENTS)):
+    with source.weights(*(component_spec(component).model for component in image_components(source))):
         run = reference_runner(recipe, source)
         images = [denoise(recipe, source, prompt, run, calls if index == 0 else None)
                   for index, prompt in enumerate(recipe.card.prompts)]
@@ -431,7 +460,7 @@ def image_parity(recipe: Recipe, source: LoadedSource, variant: str, packages: M
     in ``programs`` are run from there."""
     if not references:
         return []
-    run_package = package_runner({component: packages[component] for component in IMAGE_COMPONENTS},
+    run_package = package_runner({component: packages[component] for component in image_components(source)},
                                  programs=programs)
     results = []
     for index, (prompt, reference) in enumerate(zip(recipe.card.prompts, references, strict=True)):

@@ -32,12 +32,12 @@ from publisher.convert import convert_in_subprocess
 from publisher.executor import LoadedProgram
 from publisher.monitor import Monitor
 from publisher.parity import (
-    IMAGE_COMPONENTS,
     ComponentParity,
     Reference,
     cases_from_images,
     checks_images,
     gate,
+    image_components,
     image_parity,
     measure_component,
     reference_cases,
@@ -389,7 +389,7 @@ def check_parity(run: Run, build: Build) -> Parity:
         hashes = {component: hash_chain(chain) for component, chain in sorted(packages.items())}
         for component in order:
             chain = packages[component]
-            programs = kept if images and component in IMAGE_COMPONENTS else {}
+            programs = kept if images and component in image_components(run.source) else {}
 
             def measure(folder: Path, component: str = component, chain: tuple[Path, ...] = chain,
                         known: Reference = references[component], programs: dict[Path, LoadedProgram] = programs

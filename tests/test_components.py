@@ -73,7 +73,7 @@ def test_chunk_names_round_trip():
 def test_roles_partition_the_table():
     roles = typing.get_args(Role)
     assert set().union(*(component_names(role) for role in roles)) == NAMES
-    assert component_names(in_images=True) == ("text_encoder", "unet", "vae_decoder")
+    assert component_names(in_images=True) == ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
 
 def _string_tuples(tree: ast.AST) -> list[tuple[int, set[str]]]:

@@ -29,9 +29,10 @@ pytest_plugins = ["tests.hub.fixtures"]
 
 CONFIGS = {family: ROOT / "configs" / f"tiny-{family.replace('_', '-')}-original"
            for family in ("sd1", "sd2", "sdxl", "sdxl_refiner")}
-# The SD 1.x publish checks images end to end; the others convert their UNet alone (the assembly loads every
-# model either way), which keeps the default suite short.
-COMPONENTS = {"sd1": ["text_encoder", "unet", "vae_decoder"], "sd2": ["unet"], "sdxl": ["unet"]}
+# SD 1.x and SDXL publish what the text-to-image check needs and check images end to end; SD 2.x converts its
+# UNet alone (the assembly loads every model either way), which keeps the default suite short.
+COMPONENTS = {"sd1": ["text_encoder", "unet", "vae_decoder"], "sd2": ["unet"],
+              "sdxl": ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]}
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +205,9 @@ def test_sdxl_checkpoint_and_lora_from_the_hub(tmp_path, pipelines, hub_cli):
 
     assert report.family == "sdxl" and report.source == model_repo and report.source_revision == revision
     assert all(result.passed for result in report.parity)
+    # SDXL end to end: both text encoders, pooled embeddings and time ids through the packages, against torch.
+    assert report.image_parity and all(image.psnr_db > 30 for image in report.image_parity)
+    assert (out / "images" / "image_grid.png").is_file() and report.missing_components == []
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model == [model_repo, lora_repo] and card.data.base_model_relation == "merge"
     assert card.data.license == "openrail++"
