@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,6 +330,9 @@ def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[st
     generator = torch.Generator().manual_seed(recipe.parity.seed)
     latents = torch.randn((1, pipe.unet.config.in_channels, latent, latent), generator=generator)
     latents = latents * scheduler.init_noise_sigma
+    # An ancestral scheduler (SDXL-Turbo's Euler ancestral) adds noise at every step: drawn from the seeded
+    # generator, so the reference and the packages see the same noise.
+    step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
         noise = run("unet", {
@@ -338,7 +342,7 @@ def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[st
         })["noise_pred"]
         uncond, text = torch.from_numpy(noise.astype(np.float32)).chunk(2)
         guided = uncond + GUIDANCE_SCALE * (text - uncond)
-        latents = scheduler.step(guided, timestep, latents).prev_sample
+        latents = scheduler.step(guided, timestep, latents, **step_options).prev_sample
     z = (latents / pipe.vae.config.scaling_factor).numpy()
     return _to_uint8(run("vae_decoder", {"z": z})["image"].astype(np.float32))
 

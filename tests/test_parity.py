@@ -206,3 +206,21 @@ def test_fewer_image_steps_than_noise_levels_keep_three_random_unet_cases(demo_s
     cases = parity.reference_cases(few, source, "unet")
     assert len(cases.inputs) == parity.UNET_TIMESTEP_SAMPLES
     assert len({float(case["timestep"][0]) for case in cases.inputs}) == parity.UNET_TIMESTEP_SAMPLES
+
+
+def test_an_ancestral_scheduler_draws_the_same_noise_for_the_reference_and_the_packages(demo_source):
+    """SDXL-Turbo's Euler ancestral scheduler adds noise at each step: the image check seeds it, so two runs of the
+    same components give the same image (without the generator, each run drew its own noise)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    recipe, loaded = demo_source
+    source = copy.copy(loaded)
+    source.pipe = copy.copy(loaded.pipe)
+    source.pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(loaded.pipe.scheduler.config,
+                                                                         timestep_spacing="trailing")
+    run = parity.reference_runner(recipe, source)
+    prompt = recipe.card.prompts[0]
+    first, second = (parity.denoise(recipe, source, prompt, run) for _ in range(2))
+    assert np.array_equal(first, second)
+    deterministic = parity.denoise(recipe, loaded, prompt, run)
+    assert not np.array_equal(first, deterministic)  # the ancestral steps did add noise
