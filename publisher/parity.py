@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from publisher import executor
-from publisher.components import component_names, component_spec
+from publisher.components import component_names, component_spec, pipeline_components
 from publisher.errors import ParityError
 from publisher.recipe import Recipe
 from publisher.report import ImageParity, ParityResult
@@ -325,7 +325,14 @@ def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[st
     pipe = source.pipe
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(recipe.parity.image_steps)
-    conditioning = _guided_conditioning(recipe, source, prompt, run)
+    components = image_components(recipe, source)
+    denoiser = next(name for name in components if component_spec(name).role == "denoiser")
+    controlnet = next((name for name in components if component_spec(name).role == "controlnet"), None)
+    conditioning = _guided_conditioning(recipe, source, prompt, run, denoiser)
+    if controlnet is not None:
+        # A fixed structured image stands for the conditioning (edges, depth) an app would make.
+        pixels = image_size(recipe, source)
+        conditioning["controlnet_cond"] = np.repeat(((structured_image(pixels, pixels) + 1) / 2)[None], 2, axis=0)
     latent = image_size(recipe, source) // source.vae_scale_factor
     generator = torch.Generator().manual_seed(recipe.parity.seed)
     latents = torch.randn((1, pipe.unet.config.in_channels, latent, latent), generator=generator)
@@ -335,11 +342,11 @@ def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[st
     step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
-        noise = run("unet", {
-            "sample": model_input.numpy(),
-            "timestep": np.full((2,), float(timestep), dtype=np.float32),
-            **conditioning,
-        })["noise_pred"]
+        values = {"sample": model_input.numpy(), "timestep": np.full((2,), float(timestep), dtype=np.float32),
+                  **conditioning}
+        if controlnet is not None:  # the ControlNet's residuals are the control-unet's extra inputs
+            values |= run(controlnet, _in_order(recipe, source, controlnet, values))
+        noise = run(denoiser, _in_order(recipe, source, denoiser, values))["noise_pred"]
         uncond, text = torch.from_numpy(noise.astype(np.float32)).chunk(2)
         guided = uncond + GUIDANCE_SCALE * (text - uncond)
         latents = scheduler.step(guided, timestep, latents, **step_options).prev_sample
@@ -347,21 +354,26 @@ def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[st
     return _to_uint8(run("vae_decoder", {"z": z})["image"].astype(np.float32))
 
 
-def _guided_conditioning(recipe: Recipe, source: LoadedSource, prompt: str,
-                         run: Callable[[str, Inputs], Outputs]) -> Inputs:
+def _in_order(recipe: Recipe, source: LoadedSource, component: str, values: Inputs) -> Inputs:
+    """``component``'s inputs from ``values``, in its contract's order (the torch reference takes them positionally)."""
+    return {spec.name: values[spec.name] for spec in component_io(recipe, source, component).inputs}
+
+
+def _guided_conditioning(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[str, Inputs], Outputs],
+                         denoiser: str) -> Inputs:
     """The UNet's text inputs for the unconditional and the prompt's rows, from ``run``'s text encoders: the
     hidden states of every encoder, concatenated (SDXL), and for SDXL the last one's pooled output with the
     micro-conditioning (original size, crop corner, target size)."""
     hidden, pooled = [], None
-    for encoder in (name for name in image_components(source) if component_spec(name).role == "text_encoder"):
+    for encoder in (name for name in image_components(recipe, source)
+                    if component_spec(name).role == "text_encoder"):
         first, pooled_name = component_io(recipe, source, encoder).outputs
         outputs = [run(encoder, {"input_ids": row}) for row in tokenize(source, ["", prompt])]
         hidden.append(np.concatenate([output[first] for output in outputs]))
         pooled = np.concatenate([output[pooled_name] for output in outputs])
     embeddings = np.concatenate(hidden, axis=-1).transpose(0, 2, 1)[:, :, None, :].astype(np.float32)
     inputs = {"encoder_hidden_states": embeddings}
-    unet_inputs = {spec.name: spec.shape for spec in component_io(recipe, source, "unet").inputs}
-    if "time_ids" in unet_inputs:
+    if any(spec.name == "time_ids" for spec in component_io(recipe, source, denoiser).inputs):
         size = image_size(recipe, source)
         inputs["time_ids"] = np.tile(np.array([size, size, 0, 0, size, size], np.float32), (2, 1))
         inputs["text_embeds"] = pooled.astype(np.float32)
@@ -379,7 +391,7 @@ def _recording(run: Callable[[str, Inputs], Outputs],
 
 
 def reference_runner(recipe: Recipe, source: LoadedSource) -> Callable[[str, Inputs], Outputs]:
-    modules = {component: reference_module(source, component) for component in image_components(source)}
+    modules = {component: reference_module(source, component) for component in image_components(recipe, source)}
 
     def run(component: str, inputs: Inputs) -> Outputs:
         return _reference(modules[component], inputs, component_io(recipe, source, component).outputs)
@@ -397,10 +409,13 @@ def package_runner(packages: Mapping[str, Path | Sequence[Path]], mode: executor
     return run
 
 
-def image_components(source: LoadedSource) -> tuple[str, ...]:
-    """What the text-to-image check runs for ``source``: the text encoders it has, the UNet and the VAE decoder."""
-    return tuple(name for name in component_names(in_images=True)
-                 if getattr(source.pipe, component_spec(name).model, None) is not None)
+def image_components(recipe: Recipe, source: LoadedSource) -> tuple[str, ...]:
+    """What the text-to-image check runs: the text encoders the source has, the denoiser (the ControlNet and the
+    control-unet for a ControlNet recipe) and the VAE decoder, as Apple's pipelines do."""
+    controlled = any(component_spec(component).role == "controlnet" for component in recipe.conversion.components)
+    models = [name for name in source.model_classes if getattr(source.pipe, name, None) is not None]
+    return tuple(component for component in pipeline_components(models, controlled=controlled)
+                 if component_spec(component).role != "safety_checker")
 
 
 def checks_images(recipe: Recipe, source: LoadedSource) -> bool:
@@ -409,7 +424,7 @@ def checks_images(recipe: Recipe, source: LoadedSource) -> bool:
 
     The SDXL refiner (no first text encoder) refines a base image: this text-to-image loop is not its use.
     """
-    components = image_components(source)
+    components = image_components(recipe, source)
     return (recipe.parity.image_steps > 0 and "text_encoder" in components
             and all(component in recipe.conversion.components for component in components))
 
@@ -425,7 +440,7 @@ def cases_from_images(recipe: Recipe, source: LoadedSource) -> tuple[str, ...]:
     if not checks_images(recipe, source):
         return ()
     steps_enough = recipe.parity.image_steps >= UNET_TIMESTEP_SAMPLES
-    return tuple(component for component in image_components(source) if component_spec(component).role == "vae"
+    return tuple(component for component in image_components(recipe, source) if component_spec(component).role == "vae"
                  or (component_spec(component).is_denoiser and steps_enough))
 
 
@@ -443,14 +458,14 @@ def reference_images(recipe: Recipe, source: LoadedSource) -> ReferenceImages:
     if not checks_images(recipe, source):
         return ReferenceImages([], {})
     calls: dict[str, list[tuple[Inputs, Outputs]]] = {}
-    with source.weights(*(component_spec(component).model for component in image_components(source))):
+    with source.weights(*(component_spec(component).model for component in image_components(recipe, source))):
         run = reference_runner(recipe, source)
         images = [denoise(recipe, source, prompt, run, calls if index == 0 else None)
                   for index, prompt in enumerate(recipe.card.prompts)]
     cases = {}
     for component in cases_from_images(recipe, source):
         made = calls[component]
-        samples = UNET_TIMESTEP_SAMPLES if component == "unet" else 1
+        samples = UNET_TIMESTEP_SAMPLES if component_spec(component).is_denoiser else 1
         picks = np.linspace(0, len(made) - 1, samples).round().astype(int)
         cases[component] = Reference(*map(list, zip(*(made[index] for index in picks), strict=True)))
     return ReferenceImages(images, cases)
@@ -464,7 +479,7 @@ def image_parity(recipe: Recipe, source: LoadedSource, variant: str, packages: M
     in ``programs`` are run from there."""
     if not references:
         return []
-    run_package = package_runner({component: packages[component] for component in image_components(source)},
+    run_package = package_runner({component: packages[component] for component in image_components(recipe, source)},
                                  programs=programs)
     results = []
     for index, (prompt, reference) in enumerate(zip(recipe.card.prompts, references, strict=True)):

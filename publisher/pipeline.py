@@ -389,7 +389,7 @@ def check_parity(run: Run, build: Build) -> Parity:
         hashes = {component: hash_chain(chain) for component, chain in sorted(packages.items())}
         for component in order:
             chain = packages[component]
-            programs = kept if images and component in image_components(run.source) else {}
+            programs = kept if images and component in image_components(recipe, run.source) else {}
 
             def measure(folder: Path, component: str = component, chain: tuple[Path, ...] = chain,
                         known: Reference = references[component], programs: dict[Path, LoadedProgram] = programs

@@ -74,9 +74,10 @@ def test_a_chunked_controlnet_repository_has_every_package_and_its_compiled_name
     ControlNet's as Float buffers) and its compiled name in the card's instructions."""
     recipe = yaml.safe_load(DEMO_RECIPE.read_text())
     recipe["source"] = {"path": str(TINY_SOURCE), "controlnet": {"path": str(tiny_controlnet)}}
-    recipe["conversion"].update(components=["controlnet", "control_unet"], chunk_unet=True)
+    recipe["conversion"].update(components=["text_encoder", "controlnet", "control_unet", "vae_decoder"],
+                                chunk_unet=True)
     recipe["compression"] = {}
-    recipe["parity"]["per_component"] = {}
+    recipe["parity"].update(per_component={}, image_steps=3)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
 
@@ -88,11 +89,16 @@ def test_a_chunked_controlnet_repository_has_every_package_and_its_compiled_name
         "ControlNet_tiny-controlnet.mlpackage",
         "Stable_Diffusion_version_tiny-sd-palettized_control-unet_chunk1.mlpackage",
         "Stable_Diffusion_version_tiny-sd-palettized_control-unet_chunk2.mlpackage",
+        "Stable_Diffusion_version_tiny-sd-palettized_text_encoder.mlpackage",
+        "Stable_Diffusion_version_tiny-sd-palettized_vae_decoder.mlpackage",
     ]
     for package in packages:
         check_package(package, component_of(package, report))
-    assert {result.component for result in report.parity} == {"controlnet", "control_unet"}
-    assert all(result.passed for result in report.parity)
+    assert {result.component for result in report.parity} == {"text_encoder", "controlnet", "control_unet",
+                                                               "vae_decoder"}
+    assert all(result.passed for result in report.parity) and report.missing_components == []
+    # End to end: the ControlNet package's residuals drive the chained control-unet chunks, against torch.
+    assert report.image_parity and all(image.psnr_db > 30 for image in report.image_parity)
     card = (out / "README.md").read_text()
     assert "$OUT/controlnet/TinyControlnet.mlmodelc" in card
     assert "$OUT/ControlledUnetChunk1.mlmodelc" in card and "$OUT/ControlledUnetChunk2.mlmodelc" in card
