@@ -64,7 +64,7 @@ def parity_db(recipe: Recipe, source: LoadedSource, component: str, package: Pat
 
 # Parameter counts of the real checkpoints' models, as their architectures define them.
 PUBLISHED_PARAMETERS = {
-    "sd15": {"text_encoder": 123_060_480, "unet": 859_520_964, "vae": 83_653_863},
+    "sd15": {"text_encoder": 123_060_480, "unet": 859_520_964, "vae": 83_653_863, "safety_checker": 303_981_588},
     "sd21-base": {"text_encoder": 340_387_840, "unet": 865_910_724, "vae": 83_653_863},
     "sdxl-base": {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "unet": 2_567_463_684,
                   "vae": 83_653_863},
@@ -79,7 +79,7 @@ def test_full_size_configs_build_the_published_architectures(family):
     folder = CONFIGS / family
     index = json.loads((folder / "model_index.json").read_text())
     models = {name for name, spec in index.items() if isinstance(spec, list) and spec[0] and "Tokenizer" not in spec[1]
-              and "Scheduler" not in spec[1]}
+              and "Scheduler" not in spec[1] and "Processor" not in spec[1]}
     assert models == set(PUBLISHED_PARAMETERS[family])
     counts = {name: count_parameters(folder / name, name) for name in models}  # on the meta device: no memory
     assert counts == PUBLISHED_PARAMETERS[family]
