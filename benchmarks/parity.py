@@ -6,13 +6,17 @@ machine run it under the heavy-job lock:
     flock /tmp/coreml-publisher-heavy.lock .venv/bin/python benchmarks/parity.py
 
 Each phase runs in its own subprocess so that its peak RSS is its own. Prints a table: load time,
-forward time, peak RSS, and the executor/torch forward ratio (target: within 2x).
+forward time, peak RSS, and the executor/torch forward ratio (targets: 1.2x in fp32 mode, 1.5x in
+fp16 mode; the 6-bit package decompressed in 5 s). `--baseline DIR` measures the executor of
+another checkout too (e.g. a copy of the code before a change), in the same run: before and after
+rows against the same torch eager time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -149,17 +153,54 @@ def phase_executor(package: Path, modes: list[str], repeats: int) -> dict:
     return result
 
 
-def _subprocess(*args: str) -> dict:
+def _subprocess(*args: str, code: Path | None = None) -> dict:
+    """Run one phase in its own process; `code`: a checkout whose `publisher` package it imports."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
     completed = subprocess.run(
-        [sys.executable, __file__, "--phase", *args], check=True, capture_output=True, text=True, cwd=ROOT
+        [sys.executable, __file__, "--phase", *args], check=True, capture_output=True, text=True, cwd=ROOT, env=env
     )
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _executor_rows(label: str, fp16: Path, six_bit: Path | None, repeats: str, eager: float, code: Path | None) -> list:
+    executor = _subprocess("executor", str(fp16), repeats, "fp32", "fp16", code=code)
+    rows = [
+        (
+            f"executor{label} fp16 package, {mode} mode",
+            f"{executor['load']:.1f}",
+            executor[mode]["forward"],
+            executor["rss"],
+            f"{executor[mode]['forward'] / eager:.2f}x",
+            f"{executor[mode]['psnr']:.1f}",
+        )
+        for mode in ("fp32", "fp16")
+    ]
+    if six_bit is not None:
+        pal = _subprocess("executor", str(six_bit), repeats, "fp32", code=code)
+        rows.append(
+            (
+                f"executor{label} 6-bit package, fp32 mode (decompress {pal['decompress']:.1f} s)",
+                f"{pal['load']:.1f}",
+                pal["fp32"]["forward"],
+                pal["rss"],
+                f"{pal['fp32']['forward'] / eager:.2f}x",
+                f"{pal['fp32']['psnr']:.1f}",
+            )
+        )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per measurement (median)")
     parser.add_argument("--skip-palettized", action="store_true", help="do not measure the 6-bit UNet")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of other executor code (its root) to measure too, in the same run: before/after rows",
+    )
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
@@ -183,37 +224,16 @@ def main() -> None:
     if not fp16.exists():
         converted = _subprocess("convert", str(fp16))
         print(f"converted fp16 UNet in {converted['seconds']:.0f} s (peak {converted['rss']:.1f} GiB)")
+    if not args.skip_palettized and not six_bit.exists():
+        palettized = _subprocess("palettize", str(fp16), str(six_bit))
+        print(f"palettized 6-bit in {palettized['seconds']:.0f} s (peak {palettized['rss']:.1f} GiB)")
     reference = _subprocess("torch", repeats)
-    executor = _subprocess("executor", str(fp16), repeats, "fp32", "fp16")
-    rows = [
-        ("torch eager (fp32 weights)", "-", reference["forward"], reference["rss"], "-", "-"),
-        *[
-            (
-                f"executor fp16 package, {mode} mode",
-                f"{executor['load']:.1f}",
-                executor[mode]["forward"],
-                executor["rss"],
-                f"{executor[mode]['forward'] / reference['forward']:.2f}x",
-                f"{executor[mode]['psnr']:.1f}",
-            )
-            for mode in ("fp32", "fp16")
-        ],
-    ]
-    if not args.skip_palettized:
-        if not six_bit.exists():
-            palettized = _subprocess("palettize", str(fp16), str(six_bit))
-            print(f"palettized 6-bit in {palettized['seconds']:.0f} s (peak {palettized['rss']:.1f} GiB)")
-        pal = _subprocess("executor", str(six_bit), repeats, "fp32")
-        rows.append(
-            (
-                f"executor 6-bit package, fp32 mode (decompress {pal['decompress']:.1f} s)",
-                f"{pal['load']:.1f}",
-                pal["fp32"]["forward"],
-                pal["rss"],
-                f"{pal['fp32']['forward'] / reference['forward']:.2f}x",
-                f"{pal['fp32']['psnr']:.1f}",
-            )
-        )
+    eager = reference["forward"]
+    rows = [("torch eager (fp32 weights)", "-", eager, reference["rss"], "-", "-")]
+    measured = None if args.skip_palettized else six_bit
+    if args.baseline is not None:
+        rows += _executor_rows(" (baseline)", fp16, measured, repeats, eager, args.baseline)
+    rows += _executor_rows("", fp16, measured, repeats, eager, None)
     print("\nSD 1.5 UNet, random weights, latents 2x4x64x64, 77 tokens; median of", repeats, "forwards")
     print("| run | load (s) | forward (s) | peak RSS (GiB) | executor / torch | PSNR vs torch (dB) |")
     print("|---|---|---|---|---|---|")

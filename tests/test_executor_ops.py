@@ -29,6 +29,8 @@ from coremltools.converters.mil.mil import Function, Program, types  # noqa: E40
 
 from publisher.errors import PublisherError  # noqa: E402
 from publisher.executor import SUPPORTED_OPS, ExecutorError, UnsupportedOpError, load_program, run  # noqa: E402
+from publisher.executor.ops import OPS  # noqa: E402
+from publisher.executor.ops.control_flow import TensorList  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -1896,6 +1898,241 @@ case(
     tol=1e-5,
 )
 
+# ============================================================================ control flow, lists
+
+P_X = randn(3)
+for _pred in (True, False):
+    case(
+        "iOS16",
+        f"cond-{str(_pred).lower()}",
+        "cond",
+        {"p": np.array([_pred]), "x": P_X},
+        # The false branch returns an enclosing value as it is.
+        lambda p, x: mb.cond(
+            pred=mb.squeeze(x=p),
+            _true_fn=lambda: (mb.add(x=x, y=1.0), mb.mul(x=x, y=2.0)),
+            _false_fn=lambda: (x, mb.mul(x=x, y=-2.0)),
+        ),
+        lambda p, x: (x + 1, 2 * x) if p[0] else (x, -2 * x),
+        exact=True,
+    )
+case(
+    "iOS16",
+    "while_loop-power",
+    "while_loop",
+    {"x": P_X, "n": np.array([3.0], np.float32)},
+    lambda x, n: mb.while_loop(
+        _cond=lambda r, i: mb.less(x=i, y=n),
+        _body=lambda r, i: (mb.mul(x=r, y=x), mb.add(x=i, y=1.0)),
+        loop_vars=(x, np.zeros(1, np.float32)),
+    ),
+    lambda x, n: (x**4, n),
+)
+
+
+def _nested_loops(x, y):
+    # while i < j: (while 2i < i + 2: i += 1); i += 2
+    def inner(i):
+        return mb.while_loop(
+            _cond=lambda k: mb.less(x=mb.mul(x=k, y=2.0), y=mb.add(x=k, y=2.0)),
+            _body=lambda k: mb.add(x=k, y=1.0),
+            loop_vars=(i,),
+        )
+
+    return mb.while_loop(
+        _cond=lambda i, j: mb.less(x=i, y=j), _body=lambda i, j: (mb.add(x=inner(i), y=2.0), j), loop_vars=(x, y)
+    )
+
+
+def _nested_loops_ref(x, y):
+    i = float(x[0])
+    while i < y[0]:
+        while 2 * i < i + 2:
+            i += 1
+        i += 2
+    return np.array([i], np.float32), y
+
+
+case(
+    "iOS16",
+    "while_loop-nested",
+    "while_loop",
+    {"x": np.array([0.0], np.float32), "y": np.array([9.0], np.float32)},
+    _nested_loops,
+    _nested_loops_ref,
+    exact=True,
+)
+L_A, L_B = randn(2), randn(2)
+case(
+    "iOS16",
+    "make_list-unwritten-reads-zero",
+    "make_list",
+    {"a": L_A},
+    lambda a: mb.list_read(ls=mb.make_list(init_length=2, elem_shape=(2,)), index=1),
+    lambda a: np.zeros(2, np.float32),
+    exact=True,
+)
+case(
+    "iOS16",
+    "list_read-what-was-written",
+    "list_read",
+    {"a": L_A},
+    lambda a: mb.list_read(
+        ls=mb.list_write(ls=mb.make_list(init_length=2, elem_shape=(2,)), index=1, value=a), index=1
+    ),
+    lambda a: a,
+    exact=True,
+)
+
+
+def _write_past_the_end(a, b):
+    ls = mb.list_write(ls=mb.make_list(init_length=2, elem_shape=(2,)), index=0, value=a)
+    return mb.list_gather(ls=mb.list_write(ls=ls, index=4, value=b), indices=[4, 0, 3])
+
+
+case(
+    "iOS16",
+    "list_write-past-the-end-grows-the-list",
+    "list_write",
+    {"a": L_A, "b": L_B},
+    _write_past_the_end,
+    lambda a, b: np.stack([b, a, np.zeros(2, np.float32)]),
+    exact=True,
+)
+case(
+    "iOS16",
+    "list_scatter",
+    "list_scatter",
+    {"v": randn(2, 2)},
+    lambda v: mb.list_read(
+        ls=mb.list_scatter(ls=mb.make_list(init_length=3, elem_shape=(2,)), indices=[2, 0], value=v), index=2
+    ),
+    lambda v: v[0],
+    exact=True,
+)
+
+
+def _append_in_loop(n, u):
+    # Appends u * i for i = 0 .. n-1 to a list of length 1, then gathers the whole list.
+    def body(i, ls):
+        return mb.add(x=i, y=1), mb.list_write(ls=ls, index=i, value=mb.mul(x=u, y=mb.cast(x=i, dtype="fp32")))
+
+    _, ls = mb.while_loop(
+        _cond=lambda i, ls: mb.less(x=mb.cast(x=i, dtype="fp32"), y=n),
+        _body=body,
+        loop_vars=(0, mb.make_list(init_length=1, elem_shape=(2,))),
+    )
+    length = mb.list_length(ls=ls)
+    return mb.list_gather(ls=ls, indices=mb.range_1d(start=0, end=length, step=1)), length
+
+
+case(
+    "iOS16",
+    "list_gather-of-a-loop-built-list",
+    "list_gather",
+    {"n": np.array([3.0], np.float32), "u": L_A},
+    _append_in_loop,
+    lambda n, u: (np.stack([u * i for i in range(3)]), np.int32(3)),
+    exact=True,
+)
+case(
+    "iOS16",
+    "list_length",
+    "list_length",
+    {"a": L_A},
+    lambda a: mb.list_length(ls=mb.list_write(ls=mb.make_list(init_length=1, elem_shape=(2,)), index=3, value=a)),
+    lambda a: np.int32(4),
+    exact=True,
+)
+
+
+def test_a_fixed_length_list_refuses_an_index_past_its_end():
+    fixed = TensorList((None, None), (2,), torch.float32, dynamic=False)
+    np.testing.assert_array_equal(fixed.write({1: torch.ones(2)}).read(1), np.ones(2))
+    with pytest.raises(ExecutorError, match="fixed-length"):
+        fixed.write({2: torch.ones(2)})
+    with pytest.raises(ExecutorError, match="out of range"):
+        fixed.read(2)
+
+
+# ============================================================================ non_maximum_suppression
+
+
+def _iou(a, b):
+    # Boxes as (x_center, y_center, width, height); empty boxes overlap nothing.
+    lo = np.maximum(a[:2] - a[2:] / 2, b[:2] - b[2:] / 2)
+    hi = np.minimum(a[:2] + a[2:] / 2, b[:2] + b[2:] / 2)
+    inter = np.prod(np.clip(hi - lo, 0, None))
+    if a[2] * a[3] <= 0 or b[2] * b[3] <= 0:
+        return 0.0
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def _nms_ref(boxes, scores, iou_threshold, score_threshold, max_boxes, per_class):
+    """NMS as coremltools' op tests define it (their TensorFlow reference, written out): each
+    class's boxes suppressed apart when per_class, the survivors merged best score first."""
+    n, count, classes = scores.shape
+    out = (np.zeros((n, max_boxes, 4)), np.zeros((n, max_boxes, classes)), -np.ones((n, max_boxes)), np.zeros(n))
+    for b in range(n):
+        best, label = scores[b].max(-1), scores[b].argmax(-1)
+        groups = [np.flatnonzero(label == c) for c in np.unique(label)] if per_class else [np.arange(count)]
+        kept = []
+        for group in groups:
+            chosen = []
+            for i in sorted(group, key=lambda i: -best[i]):
+                if (score_threshold is None or best[i] > score_threshold) and all(
+                    _iou(boxes[b, i], boxes[b, j]) <= iou_threshold for j in chosen
+                ):
+                    chosen.append(i)
+            kept += chosen
+        kept = sorted(kept, key=lambda i: -best[i])[:max_boxes] or [int(best.argmax())]
+        k = len(kept)
+        out[0][b, :k], out[1][b, :k], out[2][b, :k], out[3][b] = boxes[b, kept], scores[b, kept], kept, k
+    return out
+
+
+NMS_BOXES = np.concatenate([uniform(0, 10, 2, 24, 2), uniform(1, 6, 2, 24, 2)], -1)
+NMS_BOXES[0, 3, 2] = 0.0  # an empty box
+NMS_SCORES = RNG.permutation(2 * 24 * 3).reshape(2, 24, 3).astype(np.float32) / 10 - 7
+for _per_class in (False, True):
+    case(
+        "iOS16",
+        f"non_maximum_suppression-iOS15{'-per-class' if _per_class else ''}",
+        "non_maximum_suppression",
+        {"boxes": NMS_BOXES, "scores": NMS_SCORES},
+        lambda boxes, scores, _p=_per_class: mb.non_maximum_suppression(
+            boxes=boxes, scores=scores, iou_threshold=0.1, score_threshold=-2.0, max_boxes=12, per_class_suppression=_p
+        ),
+        lambda boxes, scores, _p=_per_class: _nms_ref(boxes, scores, 0.1, -2.0, 12, _p),
+        exact=True,
+    )
+    case(
+        "iOS17",
+        f"non_maximum_suppression-iOS17{'-per-class' if _per_class else ''}",
+        "non_maximum_suppression",
+        {"boxes": NMS_BOXES.transpose(0, 2, 1).copy(), "scores": NMS_SCORES.transpose(0, 2, 1).copy()},
+        lambda boxes, scores, _p=_per_class: mb.non_maximum_suppression(
+            boxes=boxes, scores=scores, iou_threshold=0.3, max_boxes=30, per_class_suppression=_p
+        ),
+        lambda boxes, scores, _p=_per_class: tuple(
+            out.transpose(0, 2, 1) if out.ndim == 3 else out
+            for out in _nms_ref(boxes.transpose(0, 2, 1), scores.transpose(0, 2, 1), 0.3, None, 30, _p)[:3]
+        ),
+        exact=True,
+    )
+case(
+    "iOS16",
+    "non_maximum_suppression-none-above-the-threshold",
+    "non_maximum_suppression",
+    {"boxes": NMS_BOXES, "scores": NMS_SCORES},
+    lambda boxes, scores: mb.non_maximum_suppression(
+        boxes=boxes, scores=scores, iou_threshold=0.5, score_threshold=100.0, max_boxes=3
+    ),
+    lambda boxes, scores: _nms_ref(boxes, scores, 0.5, 100.0, 3, False),
+    exact=True,
+)
+
+
 # ============================================================================ fp16 programs
 
 H_X, H_Y = randn(2, 3, 4).astype(np.float16), randn(2, 3, 4).astype(np.float16)
@@ -1989,24 +2226,25 @@ def test_every_op_in_the_table_is_tested():
     assert SUPPORTED_OPS - tested == set()
 
 
-def test_unknown_op_raises_naming_op_opset_and_package(tmp_path):
+def test_unknown_op_raises_naming_op_opset_and_package(tmp_path, monkeypatch):
     @mb.program(input_specs=[mb.TensorSpec(shape=(1, 3, 4, 4))], opset_version=ct.target.iOS17)
     def prog(x):
-        boxes, scores = mb.reshape(x=x, shape=[1, 12, 4]), mb.reshape(x=x, shape=[1, 12, 4])
-        return mb.non_maximum_suppression(boxes=boxes, scores=scores, iou_threshold=0.5, max_boxes=2)[0]
+        return mb.topk(x=x, k=2)[0]
 
-    package = tmp_path / "nms.mlpackage"
+    package = tmp_path / "topk.mlpackage"
     ct.convert(
         prog,
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.iOS17,
         pass_pipeline=ct.PassPipeline.EMPTY,
     ).save(str(package))
+    # Every op coremltools defines for ML Programs is in the table: take one out.
+    monkeypatch.delitem(OPS, "topk")
     with pytest.raises(UnsupportedOpError) as info:
         load_program(package)
     assert isinstance(info.value, PublisherError)
     message = str(info.value)
-    assert "non_maximum_suppression" in message and "iOS17" in message and str(package) in message
+    assert "topk" in message and "iOS17" in message and str(package) in message
 
 
 def test_inputs_are_checked(executed):
@@ -2098,3 +2336,39 @@ def test_scatter_nd_never_aliases_an_out_of_range_coordinate_into_another_elemen
     # (0, 3) flattens to element (1, 0) of a (2, 3) tensor; it must not be written there.
     feeds = {"data": SCATTER_DATA, "indices": np.array([[0, 3]], np.int32), "updates": np.array([99], np.float32)}
     np.testing.assert_array_equal(run(program, feeds)[next(iter(program.outputs)).name], SCATTER_DATA)
+
+
+ATTN_Q, ATTN_K, ATTN_V = (RNG.standard_normal((1, 2, 40, 8)).astype(np.float16) for _ in range(3))
+
+
+def _attention(q, k, v):
+    weights = mb.softmax(x=mb.matmul(x=q, y=k, transpose_y=True), axis=-1)
+    # The scores are an output too in the second sequence: it must not be fused.
+    shared = mb.matmul(x=q, y=k, transpose_y=True)
+    return mb.matmul(x=weights, y=v), mb.matmul(x=mb.softmax(x=shared, axis=-1), y=v), shared
+
+
+def _attention_ops(q, k, v, rounded: bool):
+    # Op by op as the executor runs each: matmul in fp32, softmax on the scores as held.
+    as_held = (lambda t: t.half()) if rounded else (lambda t: t)
+    q, k, v = (torch.from_numpy(t).float() for t in (q, k, v))
+    weights = torch.softmax(as_held(q @ k.transpose(-1, -2)), -1)
+    return as_held(weights.float() @ v).float().numpy()
+
+
+def test_attention_is_fused_and_computes_what_its_ops_do(tmp_path, monkeypatch):
+    spec = [mb.TensorSpec(shape=ATTN_Q.shape, dtype=types.fp16) for _ in range(3)]
+    program = _convert_one(tmp_path, "attention", spec, ct.target.iOS16, _attention)
+    fused = [step for step in program.steps if step.fused]
+    assert [step.fused for step in fused] == [("matmul", "softmax")]
+    assert [step.op_type for step in program.steps].count("softmax") == 1
+    # Blocks of 3 query rows: 14 blocks, the last one short.
+    monkeypatch.setattr("publisher.executor.fusion._SCORES_PER_BLOCK", 2 * 40 * 3)
+    feeds = dict(zip(program.inputs, (ATTN_Q, ATTN_K, ATTN_V), strict=True))
+    typed = run(program, feeds, mode="fp16")
+    outputs = list(typed.values())
+    np.testing.assert_array_equal(outputs[0], _attention_ops(ATTN_Q, ATTN_K, ATTN_V, rounded=True))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    wide = list(run(program, feeds, mode="fp32").values())
+    np.testing.assert_allclose(wide[0], _attention_ops(ATTN_Q, ATTN_K, ATTN_V, rounded=False), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(wide[0], wide[1], rtol=1e-5, atol=1e-6)

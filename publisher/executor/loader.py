@@ -22,7 +22,9 @@ from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
 
 from publisher.executor.constexpr import DECOMPRESSORS, as_tensor
 from publisher.executor.errors import ExecutorError, UnsupportedOpError
-from publisher.executor.ops import OPS, OpFn
+from publisher.executor.fusion import fuse
+from publisher.executor.ops import OPS
+from publisher.executor.steps import CompiledBlock, Step, ValueInfo, plan_release
 
 _OPSET_NAMES = {"CoreML5": "iOS15", "CoreML6": "iOS16", "CoreML7": "iOS17", "CoreML8": "iOS18"}
 _OPSET_TARGETS = {key: getattr(ct.target, name) for key, name in _OPSET_NAMES.items()}
@@ -73,41 +75,6 @@ class TensorSpec:
 _NUMPY_NAMES = {"fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
-@dataclass(frozen=True)
-class ValueInfo:
-    """What the Program declares about one op output."""
-
-    name: str
-    dtype: torch.dtype
-    """The declared dtype as held by the executor."""
-    shape: tuple[int, ...] | None
-    """The declared shape, None where it has symbolic dimensions."""
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype.is_floating_point
-
-
-@dataclass
-class Step:
-    """One non-constant op, ready to run."""
-
-    op_type: str
-    name: str
-    fn: OpFn
-    native_half: bool
-    inputs: dict[str, Any]
-    """Input name -> env var name (str), constant tensor, or a tuple of those."""
-    raw: dict[str, Any]
-    """Input name -> value of each constant input (for parameters such as axes or pad_type)."""
-    outputs: tuple[ValueInfo, ...]
-    out_dtypes: tuple[torch.dtype, ...]
-    release: tuple[str, ...] = ()
-    """Values whose last use is this step: dropped right after it."""
-    state_target: str | None = None
-    """For coreml_update_state: the state input its result is written to."""
-
-
 @dataclass
 class LoadedProgram:
     """An ML Program's main function, compiled for the torch executor."""
@@ -129,8 +96,8 @@ class LoadedProgram:
 
     @property
     def op_types(self) -> set[str]:
-        """The compute op types this program runs (constants excluded)."""
-        return {step.op_type for step in self.steps}
+        """The compute op types this program runs (constants excluded), nested blocks' included."""
+        return {t for step in self.steps for t in step.op_types()}
 
 
 def _type_name(var: Any) -> str:
@@ -152,13 +119,15 @@ def _spec(name: str, var: Any) -> TensorSpec:
 def _value_info(var: Any, component: str, opset: str, op_type: str, declared: str | None = None) -> ValueInfo:
     """`declared`: the package's dtype for the value where the reader was given another (see
     _accept_what_core_ml_accepts); results are rounded to what the package declares."""
-    if not types.is_tensor(var.sym_type) and not types.is_scalar(var.sym_type):
+    is_list = types.is_list(var.sym_type)
+    element = var.elem_type if is_list else var.sym_type
+    if element is None or (not types.is_tensor(element) and not types.is_scalar(element)):
         raise UnsupportedOpError(op_type, opset, component, f"output '{var.name}' is not a tensor")
-    dtype_name = declared or _type_name(var)
+    dtype_name = declared or types.builtin_to_string(element.get_primitive() if types.is_tensor(element) else element)
     dtype = _HOLD_DTYPES.get(dtype_name)
     if dtype is None:
         raise UnsupportedOpError(op_type, opset, component, f"output dtype {dtype_name}")
-    return ValueInfo(var.name, dtype, _static_shape(var))
+    return ValueInfo(var.name, dtype, None if is_list else _static_shape(var), is_list)
 
 
 def _read_program(path: Path) -> tuple[Any, Any, dict[str, str]]:
@@ -285,21 +254,12 @@ def load_program(package: Path | str) -> LoadedProgram:
     output_names = [o.name for o in spec.description.output] or [v.name for v in function.outputs]
     outputs = [_spec(name, var) for name, var in zip(output_names, function.outputs, strict=True)]
 
-    constants: dict[str, torch.Tensor] = {}
-    raw: dict[str, Any] = {}
-    steps: list[Step] = []
+    compiler = _Compiler(component, opset, narrowed)
     with torch.inference_mode():
-        for op in function.operations:
-            if op.op_type == "const":
-                var = op.outputs[0]
-                raw[var.name] = var.val
-                if not isinstance(var.val, str):
-                    constants[var.name] = as_tensor(var.val)
-            elif op.op_type.startswith("constexpr_"):
-                _decompress(op, constants, raw, component, opset)
-            else:
-                steps.append(_compile(op, constants, raw, component, opset, narrowed))
-    _plan_release(steps, {v.name for v in function.outputs} | set(states))
+        steps = compiler.ops(function.operations)
+    keep = {v.name for v in function.outputs} | set(states)
+    steps = fuse(steps, keep)
+    plan_release(steps, keep)
     done = time.perf_counter()
     return LoadedProgram(
         path=path,
@@ -309,84 +269,109 @@ def load_program(package: Path | str) -> LoadedProgram:
         outputs=outputs,
         steps=steps,
         states=states,
-        constants=constants,
+        constants=compiler.constants,
         load_seconds=loaded_at - start,
         decompress_seconds=done - loaded_at,
     )
 
 
-def _decompress(op: Any, constants: dict[str, torch.Tensor], raw: dict[str, Any], component: str, opset: str) -> None:
-    decompress = DECOMPRESSORS.get(op.op_type)
-    if decompress is None:
-        raise UnsupportedOpError(op.op_type, opset, component)
-    # Constant inputs go in as their numpy values, outputs of earlier constexpr ops as tensors.
-    args = {name: raw[var.name] if var.name in raw else constants[var.name] for name, var in op.inputs.items()}
-    result = decompress(args)
-    results = result if isinstance(result, tuple) else (result,)
-    for var, tensor in zip(op.outputs, results, strict=True):
-        declared = _HOLD_DTYPES.get(_type_name(var))
-        if declared is not None and declared.is_floating_point and tensor.dtype != declared:
-            tensor = tensor.to(declared)
-        constants[var.name] = tensor
+class _Compiler:
+    """Compiles a function's ops, and recursively their nested blocks, into steps.
 
+    Constants and decompressed constexpr weights are collected program-wide (value names are
+    unique in a program), wherever the block that defines them.
+    """
 
-def _compile(
-    op: Any,
-    constants: dict[str, torch.Tensor],
-    raw: dict[str, Any],
-    component: str,
-    opset: str,
-    narrowed: dict[str, str],
-) -> Step:
-    impl = OPS.get(op.op_type)
-    if impl is None or op.blocks:
-        raise UnsupportedOpError(op.op_type, opset, component)
-    inputs: dict[str, Any] = {}
-    raw_inputs: dict[str, Any] = {}
+    def __init__(self, component: str, opset: str, narrowed: dict[str, str]) -> None:
+        self.component = component
+        self.opset = opset
+        self.narrowed = narrowed
+        self.constants: dict[str, torch.Tensor] = {}
+        self.raw: dict[str, Any] = {}
+        """Value of each constant (a numpy array, or a str), by name."""
 
-    def bind(var: Any) -> Any:
+    def ops(self, operations: Any) -> list[Step]:
+        steps = []
+        for op in operations:
+            if op.op_type == "const":
+                var = op.outputs[0]
+                self.raw[var.name] = var.val
+                if not isinstance(var.val, str):
+                    self.constants[var.name] = as_tensor(var.val)
+            elif op.op_type.startswith("constexpr_"):
+                self._decompress(op)
+            else:
+                steps.append(self._compile(op))
+        return steps
+
+    def _decompress(self, op: Any) -> None:
+        decompress = DECOMPRESSORS.get(op.op_type)
+        if decompress is None:
+            raise UnsupportedOpError(op.op_type, self.opset, self.component)
+        # Constant inputs go in as their numpy values, outputs of earlier constexpr ops as tensors.
+        args = {
+            name: self.raw[var.name] if var.name in self.raw else self.constants[var.name]
+            for name, var in op.inputs.items()
+        }
+        result = decompress(args)
+        results = result if isinstance(result, tuple) else (result,)
+        for var, tensor in zip(op.outputs, results, strict=True):
+            declared = _HOLD_DTYPES.get(_type_name(var))
+            if declared is not None and declared.is_floating_point and tensor.dtype != declared:
+                tensor = tensor.to(declared)
+            self.constants[var.name] = tensor
+
+    def _bind(self, var: Any) -> Any:
         # A constant tensor, None for a string constant, or the name of a value computed at run time.
-        if var.name in raw:
-            return constants.get(var.name)
-        return constants.get(var.name, var.name)
+        if var.name in self.raw:
+            return self.constants.get(var.name)
+        return self.constants.get(var.name, var.name)
 
-    for name, value in op.inputs.items():
-        if isinstance(value, (tuple, list)):
-            inputs[name] = tuple(bind(v) for v in value)
-            if all(v.name in raw for v in value):
-                raw_inputs[name] = tuple(raw[v.name] for v in value)
-        else:
-            if value.name in raw:
-                raw_inputs[name] = raw[value.name]
-            inputs[name] = bind(value)
-    outputs = tuple(_value_info(v, component, opset, op.op_type, narrowed.get(v.name)) for v in op.outputs)
-    state_target = op.inputs["state"].name if op.op_type == "coreml_update_state" else None
-    return Step(
-        op_type=op.op_type,
-        name=op.name,
-        fn=impl.fn,
-        native_half=impl.native_half,
-        inputs=inputs,
-        raw=raw_inputs,
-        outputs=outputs,
-        out_dtypes=tuple(o.dtype for o in outputs),
-        state_target=state_target,
-    )
+    def _compile(self, op: Any) -> Step:
+        impl = OPS.get(op.op_type)
+        if impl is None:
+            raise UnsupportedOpError(op.op_type, self.opset, self.component)
+        inputs: dict[str, Any] = {}
+        raw_inputs: dict[str, Any] = {}
+        for name, value in op.inputs.items():
+            if isinstance(value, (tuple, list)):
+                inputs[name] = tuple(self._bind(v) for v in value)
+                if all(v.name in self.raw for v in value):
+                    raw_inputs[name] = tuple(self.raw[v.name] for v in value)
+            else:
+                if value.name in self.raw:
+                    raw_inputs[name] = self.raw[value.name]
+                inputs[name] = self._bind(value)
+        outputs = tuple(
+            _value_info(v, self.component, self.opset, op.op_type, self.narrowed.get(v.name)) for v in op.outputs
+        )
+        state_target = op.inputs["state"].name if op.op_type == "coreml_update_state" else None
+        return Step(
+            op_type=op.op_type,
+            name=op.name,
+            fn=impl.fn,
+            native_half=impl.native_half,
+            inputs=inputs,
+            raw=raw_inputs,
+            outputs=outputs,
+            out_dtypes=tuple(o.dtype for o in outputs),
+            state_target=state_target,
+            blocks=tuple(self._block(block) for block in op.blocks),
+        )
 
-
-def _plan_release(steps: list[Step], keep: set[str]) -> None:
-    """Give each step the values to drop after it runs: those it is the last reader of."""
-    last_use: dict[str, int] = {}
-    for index, step in enumerate(steps):
-        for out in step.outputs:
-            last_use[out.name] = index
-        for value in step.inputs.values():
-            for ref in value if isinstance(value, tuple) else (value,):
-                if isinstance(ref, str):
-                    last_use[ref] = index
-    release: dict[int, list[str]] = {}
-    for name, index in last_use.items():
-        if name not in keep:
-            release.setdefault(index, []).append(name)
-    for index, step in enumerate(steps):
-        step.release = tuple(release.get(index, ()))
+    def _block(self, block: Any) -> CompiledBlock:
+        inputs = tuple(v.name for v in block.inputs)
+        steps = self.ops(block.operations)
+        outputs = tuple(self._bind(v) for v in block.outputs)
+        output_names = [ref for ref in outputs if isinstance(ref, str)]
+        local = set(inputs) | {info.name for step in steps for info in step.outputs}
+        free = frozenset(set().union(*(step.reads() for step in steps), output_names) - local)
+        steps = fuse(steps, free | set(output_names))
+        plan_release(steps, free | set(output_names))
+        return CompiledBlock(
+            inputs=inputs,
+            steps=steps,
+            outputs=outputs,
+            free=free,
+            scoped=tuple(name for name in dict.fromkeys([*inputs, *output_names]) if name in local),
+        )

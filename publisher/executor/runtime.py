@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,8 +11,9 @@ import numpy as np
 import torch
 
 from publisher.executor.errors import ExecutorError
-from publisher.executor.loader import LoadedProgram, Step, TensorSpec, ValueInfo, load_program
-from publisher.executor.ops import OpArgs
+from publisher.executor.loader import LoadedProgram, TensorSpec, load_program
+from publisher.executor.ops import OpArgs, Scratch
+from publisher.executor.steps import CompiledBlock, Step, ValueInfo
 
 Mode = Literal["fp32", "fp16"]
 
@@ -35,6 +37,8 @@ def _widen(tensor: torch.Tensor, mode: Mode) -> torch.Tensor:
 
 
 def _conform(tensor: torch.Tensor, info: ValueInfo, mode: Mode, step: Step) -> torch.Tensor:
+    if info.is_list:
+        return tensor
     target = torch.float32 if mode == "fp32" and info.is_float else info.dtype
     if tensor.dtype != target:
         tensor = tensor.to(target)
@@ -82,6 +86,58 @@ class ExecutorState:
         return name
 
 
+class _Execution:
+    """One call's values (`env`, by name) and mode, shared by the program's steps and nested blocks."""
+
+    def __init__(self, loaded: LoadedProgram, mode: Mode, env: dict[str, Any]) -> None:
+        self.loaded = loaded
+        self.mode = mode
+        self.widen_all = mode == "fp32"
+        self.env = env
+        self.scratch = Scratch()
+
+    def steps(self, steps: list[Step]) -> None:
+        env, loaded, mode = self.env, self.loaded, self.mode
+        for step in steps:
+            args = OpArgs(
+                {name: _resolve(ref, env) for name, ref in step.inputs.items()},
+                step.raw,
+                self.widen_all or not step.native_half,
+                step.out_dtypes,
+                tuple(partial(self.block, block) for block in step.blocks),
+                self.scratch,
+            )
+            try:
+                result = step.fn(args)
+            except ExecutorError:
+                raise
+            except Exception as exc:
+                raise ExecutorError(f"{loaded.path}: op {step.op_type} '{step.name}' failed: {exc}") from exc
+            results = result if isinstance(result, tuple) else (result,)
+            if len(results) != len(step.outputs):
+                raise ExecutorError(
+                    f"op {step.op_type} '{step.name}' produced {len(results)} outputs,"
+                    f" the program declares {len(step.outputs)}"
+                )
+            for info, tensor in zip(step.outputs, results, strict=True):
+                env[info.name] = _conform(tensor, info, mode, step)
+            if step.state_target is not None:
+                stored = results[0].to(loaded.states[step.state_target].hold_dtype)
+                env[step.state_target] = _widen(stored, mode)
+            for name in step.release:
+                del env[name]
+
+    def block(self, block: CompiledBlock, values: Sequence[Any]) -> tuple[Any, ...]:
+        """Run a nested block on `values` (its inputs, in order); its outputs."""
+        env = self.env
+        env.update(zip(block.inputs, values, strict=True))
+        self.steps(block.steps)
+        outputs = tuple(_resolve(ref, env) for ref in block.outputs)
+        for name in block.scoped:
+            env.pop(name, None)
+        return outputs
+
+
 def make_state(program: LoadedProgram) -> ExecutorState:
     """A fresh, zero-filled state for `program`, to pass to successive `run` calls."""
     if not program.states:
@@ -125,37 +181,11 @@ def run(
         raise ExecutorError(f"{loaded.path}: the model is stateful: pass state=make_state(program)")
     if state is not None and state._specs != loaded.states:
         raise ExecutorError(f"{loaded.path}: the state was made for another model ({state.program_path})")
-    widen_all = mode == "fp32"
     with torch.inference_mode():
         env = {name: _bind_input(spec, inputs[name], mode) for name, spec in loaded.inputs.items()}
         if state is not None:
             env.update({name: _widen(value, mode) for name, value in state._values.items()})
-        for step in loaded.steps:
-            args = OpArgs(
-                {name: _resolve(ref, env) for name, ref in step.inputs.items()},
-                step.raw,
-                widen_all or not step.native_half,
-                step.out_dtypes,
-            )
-            try:
-                result = step.fn(args)
-            except ExecutorError:
-                raise
-            except Exception as exc:
-                raise ExecutorError(f"{loaded.path}: op {step.op_type} '{step.name}' failed: {exc}") from exc
-            results = result if isinstance(result, tuple) else (result,)
-            if len(results) != len(step.outputs):
-                raise ExecutorError(
-                    f"op {step.op_type} '{step.name}' produced {len(results)} outputs,"
-                    f" the program declares {len(step.outputs)}"
-                )
-            for info, tensor in zip(step.outputs, results, strict=True):
-                env[info.name] = _conform(tensor, info, mode, step)
-            if step.state_target is not None:
-                stored = results[0].to(loaded.states[step.state_target].hold_dtype)
-                env[step.state_target] = _widen(stored, mode)
-            for name in step.release:
-                del env[name]
+        _Execution(loaded, mode, env).steps(loaded.steps)
         if state is not None:
             for name, spec in loaded.states.items():
                 state._values[name] = env[name].to(spec.hold_dtype)

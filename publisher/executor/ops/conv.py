@@ -13,7 +13,7 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 @register("conv")
 def conv(a: OpArgs) -> Result:
-    x, w = a["x"], a["weight"]
+    x, w = a["x"], a.weight("weight")
     n = x.dim() - 2
     strides = a.ints("strides", [1] * n)
     dilations = a.ints("dilations", [1] * n)
@@ -27,7 +27,7 @@ def conv(a: OpArgs) -> Result:
 
 @register("conv_transpose")
 def conv_transpose(a: OpArgs) -> Result:
-    x, w = a["x"], a["weight"]
+    x, w = a["x"], a.weight("weight")
     n = x.dim() - 2
     strides = a.ints("strides", [1] * n)
     dilations = a.ints("dilations", [1] * n)

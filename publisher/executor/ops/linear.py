@@ -22,11 +22,11 @@ def _common(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 @register("linear")
 def linear(a: OpArgs) -> Result:
-    x, weight, bias = _common(a["x"], a["weight"], a.opt("bias"))
+    x, weight, bias = _common(a["x"], a.weight("weight"), a.opt("bias"))
     return F.linear(x, weight, bias)
 
 
-@register("matmul", native_half=True)
+@register("matmul")
 def matmul(a: OpArgs) -> Result:
     x, y = _common(a["x"], a["y"])
     if a.bool("transpose_x") and x.dim() > 1:

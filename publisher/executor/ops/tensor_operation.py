@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -164,3 +165,70 @@ def flatten2d(a: OpArgs) -> Result:
     x = a["x"]
     axis = _axis(a.int("axis", 1), x.dim())
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+@register("non_maximum_suppression")
+def non_maximum_suppression(a: OpArgs) -> Result:
+    # iOS15 form: boxes [n, B, 4], scores [n, B, K], a score threshold and a 4th output (the count
+    # per batch); iOS17 form: boxes [n, 4, B], scores [n, K, B], neither.
+    ios15 = len(a.out_dtypes) == 4
+    boxes, scores = a["boxes"], a["scores"]
+    if not ios15:
+        boxes, scores = boxes.transpose(1, 2), scores.transpose(1, 2)
+    max_boxes = a.int("max_boxes")
+    threshold = a.float("score_threshold") if ios15 else None
+    n = boxes.shape[0]
+    out_boxes = boxes.new_zeros(n, max_boxes, 4)
+    out_scores = scores.new_zeros(n, max_boxes, scores.shape[2])
+    out_indices = torch.full((n, max_boxes), -1, dtype=torch.int32)
+    counts = torch.zeros(n, dtype=torch.int32)
+    for b in range(n):
+        kept = _nms_one(
+            boxes[b].numpy(), scores[b].numpy(), a.float("iou_threshold"), threshold, a.bool("per_class_suppression")
+        )[:max_boxes]
+        count = len(kept)
+        index = torch.from_numpy(kept)
+        out_boxes[b, :count], out_scores[b, :count] = boxes[b, index], scores[b, index]
+        out_indices[b, :count] = index.int()
+        counts[b] = count
+    if ios15:
+        return out_boxes, out_scores, out_indices, counts
+    return out_boxes.transpose(1, 2), out_scores.transpose(1, 2), out_indices
+
+
+def _nms_one(
+    boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, score_threshold: float | None, per_class: bool
+) -> np.ndarray:
+    """Greedy NMS of one batch: the kept box indices, best score first.
+
+    A box scores its best class. Boxes in (x_center, y_center, width, height). Per-class
+    suppression only lets boxes of the same best class suppress each other; which gives what
+    suppressing each class apart and merging by score gives, in one pass.
+    """
+    best = scores.max(axis=1)
+    order = np.argsort(-best, kind="stable")
+    if score_threshold is not None:
+        order = order[best[order] > score_threshold]
+        if not order.size:
+            # Core ML then returns the best-scoring box alone (coremltools' reference of the op).
+            return np.argmax(best, keepdims=True)
+    half = boxes[:, 2:] / 2
+    low, high = boxes[:, :2] - half, boxes[:, :2] + half
+    extent = np.clip(np.minimum(high[:, None], high[None]) - np.maximum(low[:, None], low[None]), 0, None)
+    inter = extent[..., 0] * extent[..., 1]
+    area = boxes[:, 2] * boxes[:, 3]
+    union = area[:, None] + area[None] - inter
+    # Degenerate (empty) boxes overlap nothing, as in TensorFlow's NMS that the op's tests compare with.
+    valid = (area[:, None] > 0) & (area[None] > 0)
+    iou = np.where(valid, inter / np.where(valid, union, 1), 0)
+    overlaps = iou > iou_threshold
+    if per_class:
+        label = scores.argmax(axis=1)
+        overlaps &= label[:, None] == label[None]
+    suppressed = np.zeros(len(boxes), dtype=bool)
+    kept = []
+    for i in order:
+        if not suppressed[i]:
+            kept.append(i)
+            suppressed |= overlaps[i]
+    return np.asarray(kept, dtype=np.int64)
