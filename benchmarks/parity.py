@@ -139,6 +139,8 @@ def phase_executor(package: Path, modes: list[str], repeats: int) -> dict:
     }
     reference = np.load(CACHE / "reference.npy")
     for mode in modes:
+        # Untimed, as torch's reference forward is: the first forward faults its activations in.
+        run(program, _inputs(), mode=mode)
         times = []
         for _ in range(repeats):
             begin = time.perf_counter()
@@ -164,31 +166,55 @@ def _subprocess(*args: str, code: Path | None = None) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def _executor_rows(label: str, fp16: Path, six_bit: Path | None, repeats: str, eager: float, code: Path | None) -> list:
-    executor = _subprocess("executor", str(fp16), repeats, "fp32", "fp16", code=code)
-    rows = [
-        (
-            f"executor{label} fp16 package, {mode} mode",
-            f"{executor['load']:.1f}",
-            executor[mode]["forward"],
-            executor["rss"],
-            f"{executor[mode]['forward'] / eager:.2f}x",
-            f"{executor[mode]['psnr']:.1f}",
-        )
-        for mode in ("fp32", "fp16")
-    ]
-    if six_bit is not None:
-        pal = _subprocess("executor", str(six_bit), repeats, "fp32", code=code)
-        rows.append(
-            (
-                f"executor{label} 6-bit package, fp32 mode (decompress {pal['decompress']:.1f} s)",
-                f"{pal['load']:.1f}",
-                pal["fp32"]["forward"],
-                pal["rss"],
-                f"{pal['fp32']['forward'] / eager:.2f}x",
-                f"{pal['fp32']['psnr']:.1f}",
+def _median(results: list[dict], *keys: str) -> float:
+    values = []
+    for result in results:
+        for key in keys:
+            result = result[key]
+        values.append(result)
+    return float(np.median(values))
+
+
+def _row(name: str, results: list[dict], mode: str, eager: float) -> tuple:
+    forward = _median(results, mode, "forward")
+    return (
+        name,
+        f"{_median(results, 'load'):.1f}",
+        forward,
+        max(r["rss"] for r in results),
+        f"{forward / eager:.2f}x",
+        f"{results[0][mode]['psnr']:.1f}",
+    )
+
+
+def _measure(args: argparse.Namespace, fp16: Path, six_bit: Path | None) -> list[tuple]:
+    """Rows of the table. Each round runs every phase once, one after the other, so that a load
+    that comes and goes on a shared machine weighs on all of them alike; medians over rounds."""
+    repeats = str(args.repeats)
+    checkouts = ([(" (baseline)", args.baseline)] if args.baseline is not None else []) + [("", None)]
+    eager_runs: list[dict] = []
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.rounds):
+        eager_runs.append(_subprocess("torch", repeats))
+        for label, code in checkouts:
+            runs.setdefault((label, "fp16"), []).append(
+                _subprocess("executor", str(fp16), repeats, *args.modes, code=code)
             )
-        )
+            if six_bit is not None:
+                runs.setdefault((label, "6-bit"), []).append(
+                    _subprocess("executor", str(six_bit), repeats, "fp32", code=code)
+                )
+    eager = _median(eager_runs, "forward")
+    rows = [("torch eager (fp32 weights)", "-", eager, max(r["rss"] for r in eager_runs), "-", "-")]
+    for label, _ in checkouts:
+        rows += [
+            _row(f"executor{label} fp16 package, {mode} mode", runs[(label, "fp16")], mode, eager)
+            for mode in args.modes
+        ]
+        if six_bit is not None:
+            pal = runs[(label, "6-bit")]
+            name = f"executor{label} 6-bit package, fp32 mode (decompress {_median(pal, 'decompress'):.1f} s)"
+            rows.append(_row(name, pal, "fp32", eager))
     return rows
 
 
@@ -200,6 +226,10 @@ def main() -> None:
         "--baseline",
         type=Path,
         help="a checkout of other executor code (its root) to measure too, in the same run: before/after rows",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="times every phase runs, interleaved (median)")
+    parser.add_argument(
+        "--modes", nargs="+", choices=("fp32", "fp16"), default=["fp32", "fp16"], help="executor modes to time"
     )
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -220,21 +250,17 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     fp16 = CACHE / "unet_sd15_fp16.mlpackage"
     six_bit = CACHE / "unet_sd15_6bit.mlpackage"
-    repeats = str(args.repeats)
     if not fp16.exists():
         converted = _subprocess("convert", str(fp16))
         print(f"converted fp16 UNet in {converted['seconds']:.0f} s (peak {converted['rss']:.1f} GiB)")
     if not args.skip_palettized and not six_bit.exists():
         palettized = _subprocess("palettize", str(fp16), str(six_bit))
         print(f"palettized 6-bit in {palettized['seconds']:.0f} s (peak {palettized['rss']:.1f} GiB)")
-    reference = _subprocess("torch", repeats)
-    eager = reference["forward"]
-    rows = [("torch eager (fp32 weights)", "-", eager, reference["rss"], "-", "-")]
-    measured = None if args.skip_palettized else six_bit
-    if args.baseline is not None:
-        rows += _executor_rows(" (baseline)", fp16, measured, repeats, eager, args.baseline)
-    rows += _executor_rows("", fp16, measured, repeats, eager, None)
-    print("\nSD 1.5 UNet, random weights, latents 2x4x64x64, 77 tokens; median of", repeats, "forwards")
+    rows = _measure(args, fp16, None if args.skip_palettized else six_bit)
+    print(
+        f"\nSD 1.5 UNet, random weights, latents 2x4x64x64, 77 tokens; median of {args.repeats} forwards"
+        f" per process, median over {args.rounds} rounds"
+    )
     print("| run | load (s) | forward (s) | peak RSS (GiB) | executor / torch | PSNR vs torch (dB) |")
     print("|---|---|---|---|---|---|")
     for name, load, forward, rss, ratio, psnr in rows:
