@@ -23,6 +23,11 @@ ARCHITECTURES = {
     "lllyasviel/control_v11f1p_sd15_depth": "controlnet-sd15",
     # SDXL's VAE retrained to stay finite in float16: the same AutoencoderKL architecture, new weights.
     "madebyollin/sdxl-vae-fp16-fix": "sdxl-base/vae",
+    # Causal language models (config.json alone: a transformers model folder).
+    "meta-llama/Llama-3.2-1B": "llama-3.2-1b",
+    "Qwen/Qwen2.5-1.5B": "qwen2.5-1.5b",
+    "mistralai/Mistral-7B-v0.3": "mistral-7b-v0.3",
+    "tiiuae/falcon-7b": "falcon-7b",
 }
 
 

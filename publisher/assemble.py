@@ -22,6 +22,7 @@ from pathlib import Path
 
 from publisher.components import CONTROLNET_PACKAGE_PREFIX, component_spec, package_suffix
 from publisher.errors import RecipeError
+from publisher.language_model import package_name as language_model_package_name
 from publisher.layout import IMAGES_FOLDER, RECIPE_NAME, REPORT_NAME
 from publisher.recipe import Recipe
 from publisher.report import PublishReport
@@ -29,7 +30,10 @@ from publisher.report import PublishReport
 
 def package_name(recipe: Recipe, component: str) -> str:
     """Apple's naming: ``Stable_Diffusion_version_<model id with / -> _>_<component>.mlpackage``, the
-    ControlNet-conditioned UNet as ``..._control-unet``, and ControlNets as ``ControlNet_<model id>``."""
+    ControlNet-conditioned UNet as ``..._control-unet``, and ControlNets as ``ControlNet_<model id>``; a language
+    model after its model (:func:`publisher.language_model.package_name`)."""
+    if component_spec(component).role == "language_model":
+        return language_model_package_name(recipe)
     if component_spec(component).package_suffix is None:
         return f"{CONTROLNET_PACKAGE_PREFIX}{recipe.source.controlnet.model_id.replace('/', '_')}.mlpackage"
     return f"Stable_Diffusion_version_{recipe.model_version.replace('/', '_')}_{package_suffix(component)}.mlpackage"

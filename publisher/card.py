@@ -31,12 +31,16 @@ from publisher.report import (
     ParityResult,
     PublishReport,
     StageCost,
+    TokenParity,
     VariantReport,
     tool_versions,
 )
 
 DEFAULT_TEMPLATE = TEMPLATES / "model_card.md.j2"
-BASE_TAGS = ("coreml", "core-ml", "stable-diffusion", "text-to-image")
+BASE_TAGS = ("coreml", "core-ml")
+# The Hub's pipeline tag and the tags of each task, and what the card calls a local source of it.
+TASK_TAGS = {"text-to-image": ("stable-diffusion", "text-to-image"), "text-generation": ("text-generation",)}
+LOCAL_SOURCE_KIND = {"text-to-image": "diffusers pipeline", "text-generation": "transformers model folder"}
 GRID_PATH = "images/image_grid.png"
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
 PACKAGE_PREFIX = "Stable_Diffusion_version_"
@@ -169,6 +173,12 @@ class CardContext:
     recipe_redacted: bool
     recipe_fence: str
     limitations: tuple[str, ...]
+    language_model: bool
+    token_rows: tuple[TokenParity, ...]
+    source_kind: str
+    """What the source is, in words: a diffusers pipeline, a checkpoint file, a transformers model folder."""
+    language_model_package: str | None
+    """A language model's package path in the first variant, for the usage lines."""
 
 
 def build_context(
@@ -182,7 +192,8 @@ def build_context(
     local = report.source.startswith("local:")
     source_name = report.source.removeprefix("local:")
     single_file = any(item.role == "checkpoint" for item in report.inputs)
-    source_kind = "checkpoint file" if single_file else "diffusers pipeline"
+    source_kind = "checkpoint file" if single_file else LOCAL_SOURCE_KIND[report.task]
+    language_model = report.task == "text-generation"
     attention = {variant.folder: variant.attention for variant in report.variants}
     device_rows = []
     for index, run in enumerate(device_results):
@@ -235,13 +246,18 @@ def build_context(
             f"{format_bytes(report.machine.memory_bytes)} memory"
         ),
         device_rows=tuple(device_rows),
-        usage=_usage(report),
+        usage=() if language_model else _usage(report),
         # Quoted for the shell: the usage lines are meant to be pasted as they are.
         example_prompt=shlex.quote(report.image_parity[0].prompt if report.image_parity else DEFAULT_PROMPT),
         recipe_text=redacted,
         recipe_redacted=redacted != recipe_text,
         recipe_fence=_fence_for(redacted or ""),
         limitations=_limitations(report, device_rows),
+        language_model=language_model,
+        token_rows=tuple(report.token_parity),
+        source_kind=source_kind,
+        language_model_package=(f"{report.variants[0].folder}/{report.variants[0].components[0].package}"
+                                if language_model and report.variants and report.variants[0].components else None),
     )
 
 
@@ -371,7 +387,11 @@ def _limitations(report: PublishReport, device_rows: list[DeviceRow]) -> tuple[s
             "Parity was measured on Linux with an executor that runs the packages' ML Program ops in PyTorch, "
             "not with the Core ML runtime (which needs macOS): Core ML's own kernels may differ slightly."
         )
-    if not report.image_parity:
+    if report.task == "text-generation":
+        notes.append("Token agreement is measured with the reference's own tokens fed back (teacher forcing): it "
+                     "compares each step's prediction, not free-running generations, which drift apart after the "
+                     "first differing token.")
+    elif not report.image_parity:
         notes.append("No end-to-end images were generated and compared in this run.")
     else:
         notes.append(
@@ -456,8 +476,12 @@ def _tidy(body: str) -> str:
 
 def card_data(report: PublishReport, extra_tags: tuple[str, ...] = ()) -> ModelCardData:
     """The card's YAML header: license, base model and its relation, pipeline tag and tags."""
-    variant_tags = tuple(variant.attention for variant in report.variants)
-    tags = list(dict.fromkeys(BASE_TAGS + variant_tags + tuple(report.card_tags) + tuple(extra_tags)))
+    language_model = report.task == "text-generation"
+    # A language model has one attention implementation: its variant folder is no tag of interest.
+    variant_tags = () if language_model else tuple(variant.attention for variant in report.variants)
+    family_tags = (report.family,) if language_model else ()
+    tags = list(dict.fromkeys(BASE_TAGS + TASK_TAGS[report.task] + family_tags + variant_tags
+                              + tuple(report.card_tags) + tuple(extra_tags)))
     base_models = [] if report.source.startswith("local:") else [report.source]
     # LoRAs fused into the weights are base models too; with several, the Hub's relation is a merge.
     base_models += [item.repo for item in report.inputs if item.role == "lora" and item.repo]
@@ -468,7 +492,10 @@ def card_data(report: PublishReport, extra_tags: tuple[str, ...] = ()) -> ModelC
         license_name=report.license_name,
         license_link=report.license_link,
         base_model=(base_models[0] if len(base_models) == 1 else base_models) or None,
-        pipeline_tag="text-to-image",
+        pipeline_tag=report.task,
+        # The name Core ML repositories on the Hub give their library (its "Core ML" filter); transformers would
+        # claim a repository holding config.json otherwise.
+        library_name="coreml" if language_model else None,
         tags=tags,
         # Not a named argument of ModelCardData; without it the Hub labels a converted repo a fine-tune.
         **other,
@@ -540,6 +567,7 @@ def check_template(recipe: Recipe, family: str | None) -> None:
 def preview_report(recipe: Recipe, family: str | None) -> PublishReport:
     """A report with the recipe's variants, components and prompts, and placeholder numbers: every section
     and every loop of a template renders against it."""
+    language_model = recipe.task == "text-generation"
     variants = [
         VariantReport(folder=variant.folder_name, attention=variant.attention, compute_units="CPU_AND_GPU",
                       components=[ComponentReport(component=component, package=f"packages/{component}.mlpackage",
@@ -552,10 +580,12 @@ def preview_report(recipe: Recipe, family: str | None) -> PublishReport:
     return PublishReport(
         recipe_name=recipe.name, recipe_file=recipe.file.name, recipe_sha256=recipe.sha256,
         source=recipe.source.repo or f"local:{recipe.source.model_id}", source_revision=recipe.source.revision,
-        family=family or "sd1", license=recipe.card.license, license_name=recipe.card.license_name,
+        family=family or ("llama" if language_model else "sd1"), license=recipe.card.license,
+        license_name=recipe.card.license_name, task=recipe.task,
+        context_length=recipe.conversion.context_length if language_model else None,
         license_link=recipe.card.license_link, target_repo=recipe.target.repo, precision=recipe.conversion.precision,
         minimum_deployment_target=recipe.conversion.minimum_deployment_target.value,
-        image_size=recipe.conversion.image_size or 512, tool_versions=tool_versions(),
+        image_size=None if language_model else recipe.conversion.image_size or 512, tool_versions=tool_versions(),
         card_tags=list(recipe.card.tags), variants=variants,
         parity=[ParityResult(component=component, variant=variant.folder, backend="executor-fp32", psnr_db=60.0,
                              threshold_db=recipe.parity.threshold(component), passed=True)
@@ -564,7 +594,13 @@ def preview_report(recipe: Recipe, family: str | None) -> PublishReport:
                                   seed=recipe.parity.seed, psnr_db=30.0,
                                   reference_image=f"{IMAGES_FOLDER}/reference_{index}.png",
                                   variant_image=f"{IMAGES_FOLDER}/{variant.folder}_{index}.png")
-                      for variant in variants for index, prompt in enumerate(recipe.card.prompts)],
+                      for variant in variants for index, prompt in enumerate(recipe.card.prompts)
+                      if not language_model],
+        token_parity=[TokenParity(prompt=prompt, variant=variant.folder, backend="executor-fp32", prompt_tokens=4,
+                                  decode_steps=recipe.parity.decode_steps, prefill_psnr_db=60.0, decode_psnr_db=60.0,
+                                  token_agreement=1.0, first_divergence=None, threshold_db=35.0,
+                                  min_token_agreement=0.9, passed=True)
+                      for variant in variants for prompt in recipe.card.prompts if language_model],
         stages=[StageCost(stage="convert", seconds=1.0, peak_rss_bytes=1)],
     )
 

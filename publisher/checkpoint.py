@@ -204,7 +204,8 @@ def describe_input(role: str, origin: ModelSource, path: Path, scale: float | No
 
 
 def weight_inputs(recipe: Recipe) -> list[SourceInput]:
-    """The weight files of the diffusers folders or repos the converted components load, with their sha256.
+    """The weight files of the diffusers (or transformers) folders or repos the converted components load, with
+    their sha256.
 
     Raises:
         [`~publisher.errors.RecipeError`]: a model the run converts has no safetensors weights (only a pickle).
@@ -217,6 +218,8 @@ def weight_inputs(recipe: Recipe) -> list[SourceInput]:
     for model in dict.fromkeys(component_spec(component).model for component in recipe.conversion.components):
         if model == "controlnet":
             folders.append((source.controlnet, None))
+        elif model == "language_model":  # a transformers model keeps its weights at the folder's root
+            folders.append((source, None))
         elif model == "vae" and source.vae is not None:
             if not source.vae.is_single_file:
                 folders.append((source.vae, None))

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["text_encoder", "denoiser", "vae", "controlnet", "safety_checker"]
+Role = Literal["text_encoder", "denoiser", "vae", "controlnet", "safety_checker", "language_model"]
 
 # Apple's chunked UNets (--chunk-unet): two packages, loaded as <Resource>Chunk1 / <Resource>Chunk2.
 CHUNKS = ("chunk1", "chunk2")
@@ -34,7 +34,9 @@ class ComponentSpec:
         name (`str`):
             The name recipes use (``conversion.components``, ``compression.<name>``).
         role (`str`):
-            ``text_encoder``, ``denoiser`` (UNet-like: takes latents and text), ``vae`` or ``controlnet``.
+            ``text_encoder``, ``denoiser`` (UNet-like: takes latents and text), ``vae``, ``controlnet``,
+            ``safety_checker``, or ``language_model`` (a causal LM with its KV cache as state: the whole
+            model of a ``text-generation`` recipe, :mod:`publisher.language_model`).
         model (`str`):
             The source model its weights come from: a diffusers pipeline folder (``vae`` holds both VAE
             halves), or ``controlnet`` (the recipe's ``source.controlnet``).
@@ -53,6 +55,9 @@ class ComponentSpec:
             Split in two packages by ``conversion.chunk_unet``, as Apple's ``--chunk-unet`` splits its UNets.
         optional (`bool`):
             A default component only for sources that have its model (a recipe listing it needs one).
+        compress_embeddings (`bool`):
+            Its embedding tables (``gather`` weights) are compressed with the rest. Apple leaves CLIP's uncompressed;
+            a language model's is a fifth of its weights, and tied, the same constant as its LM head.
     """
 
     name: str
@@ -65,6 +70,7 @@ class ComponentSpec:
     default: bool = False
     chunkable: bool = False
     optional: bool = False
+    compress_embeddings: bool = False
 
     @property
     def is_denoiser(self) -> bool:
@@ -88,6 +94,9 @@ TABLE: dict[str, ComponentSpec] = {
         # Apple's Python pipeline loads it whenever the source pipeline has one, and fails without it.
         ComponentSpec("safety_checker", "safety_checker", "safety_checker", "safety_checker", "SafetyChecker",
                       default=True, optional=True),
+        # swift-transformers loads any compiled package path an app gives it; the package is named after the
+        # model, as Apple's StatefulMistral7BInstructInt4.mlpackage is (see publisher.language_model).
+        ComponentSpec("language_model", "language_model", "language_model", None, None, compress_embeddings=True),
     )
 }
 NAMES = tuple(TABLE)
@@ -124,11 +133,14 @@ def swift_resource(name: str, package: str = "") -> str:
     """The compiled resource Swift loads for a package of ``name``: ``Unet``, ``UnetChunk1``,
     ``ControlledUnetChunk2``.
 
-    A ControlNet's is ``controlnet/<Name>``, ``<Name>`` the model name in its package's file name (``package``)
+    A language model's is its package's name: swift-transformers compiles and loads whatever package an app
+    names. A ControlNet's is ``controlnet/<Name>``, ``<Name>`` the model name in its package's file name (``package``)
     title-cased word by word: Apple's ``bundle_resources_for_swift_cli`` compiles it so, and an app passes
     that name to the Swift pipeline, which loads ``controlnet/<Name>.mlmodelc``.
     """
     spec = component_spec(name)
+    if spec.role == "language_model":
+        return package.rsplit("/", 1)[-1].removesuffix(".mlpackage")
     if spec.swift_resource is None:
         model_name = package.rsplit("/", 1)[-1].removeprefix(CONTROLNET_PACKAGE_PREFIX).removesuffix(".mlpackage")
         if not model_name:
@@ -147,14 +159,15 @@ def package_suffix(name: str) -> str:
     return suffix + name.removeprefix(whole_component(name))
 
 
-def pipeline_components(models: Iterable[str], *, controlled: bool) -> tuple[str, ...]:
+def pipeline_components(models: Iterable[str], *, controlled: bool, refines: bool = False) -> tuple[str, ...]:
     """What Apple's pipelines load for a source holding ``models`` (pipeline folders): every text encoder it
-    has, the denoiser (the control-unet and a ControlNet when ``controlled``), the VAE decoder and the safety
-    checker it has."""
+    has, the denoiser (the control-unet and a ControlNet when ``controlled``), the VAE decoder (and the encoder
+    for a pipeline that ``refines`` an image, the SDXL refiner) and the safety checker it has."""
     models = set(models)
     denoisers = tuple(name for name, entry in TABLE.items()
                       if (entry.role == "controlnet" or entry.name == "control_unet") == controlled
                       and entry.role in ("denoiser", "controlnet"))
     return (*(name for name in component_names("text_encoder") if TABLE[name].model in models), *denoisers,
             *(name for name in component_names("vae", in_images=True)),
+            *(component_names("vae", in_images=False) if refines else ()),
             *(name for name in component_names("safety_checker") if TABLE[name].model in models))

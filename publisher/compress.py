@@ -22,6 +22,7 @@ from coremltools.optimize.coreml import (
     prune_weights,
 )
 
+from publisher.components import component_spec
 from publisher.coremltools_fixes import install_coremltools_fixes
 from publisher.mixed_bit import Calibration, MixedBitRecipe, build_recipe
 from publisher.package_weights import SKIPPED_OP_TYPES, Weight, program_weights
@@ -46,8 +47,9 @@ def compressed_weight_count(spec: Any) -> int:
     return sum(op.type.startswith("constexpr_") for block in blocks for op in block.operations)
 
 
-def _op_type_configs() -> dict[str, None]:
-    return dict.fromkeys(SKIPPED_OP_TYPES)
+def skipped_op_types(component: str) -> tuple[str, ...]:
+    """The op types whose weights stay uncompressed in ``component`` unless an override names them."""
+    return () if component and component_spec(component).compress_embeddings else SKIPPED_OP_TYPES
 
 
 def _last_match(weight: Weight, overrides: tuple[Override, ...]) -> Override | None:
@@ -59,7 +61,8 @@ def matched_weights(weights: list[Weight], overrides: tuple[Override, ...]) -> d
     return {w.name: o for w in weights if (o := _last_match(w, overrides)) is not None}
 
 
-def _by_reader(weights: list[Weight], configs: dict[str, Any], default: Any) -> dict[str, Any]:
+def _by_reader(weights: list[Weight], configs: dict[str, Any], default: Any, skipped: tuple[str, ...]
+               ) -> dict[str, Any]:
     """``op_name_configs`` giving each named weight its config (``default`` is the global one)."""
     # Keyed by the reading ops, not the constants: a constant compressed by an earlier pass is
     # replaced by constexpr ops of new names, while its readers keep theirs.
@@ -67,7 +70,7 @@ def _by_reader(weights: list[Weight], configs: dict[str, Any], default: Any) -> 
     named = {reader: config for name, config in configs.items() for reader in by_name[name].consumers}
 
     def fallback(*op_types: str) -> Any:
-        return None if set(op_types) & set(SKIPPED_OP_TYPES) else default
+        return None if set(op_types) & set(skipped) else default
 
     # coremltools refuses a constant whose readers have different configs, and its const
     # deduplication makes such constants of equal tensors (a random-weight SDXL UNet's zero biases,
@@ -135,7 +138,8 @@ def mixed_recipe(package: Path, scheme: Scheme, component: str,
                         candidates=mixed.candidates, groups=mixed.groups, exclude=overridden)
 
 
-def stage_configs(package: Path, scheme: Scheme, mixed: MixedBitRecipe | None = None) -> dict[str, Any]:
+def stage_configs(package: Path, scheme: Scheme, mixed: MixedBitRecipe | None = None,
+                  skipped: tuple[str, ...] = SKIPPED_OP_TYPES) -> dict[str, Any]:
     """The ``OptimizationConfig`` of each pass to run (``prune``, ``palettize``, ``quantize``), in that order.
 
     The component's own stages are global configs; a mixed-bit recipe and the overrides become
@@ -163,10 +167,10 @@ def stage_configs(package: Path, scheme: Scheme, mixed: MixedBitRecipe | None = 
     for stage, maker in makers.items():
         given = getattr(scheme, stage)
         base = maker(given, threshold) if given is not None and not (stage == "palettize" and mixed) else None
-        named = _by_reader(weights, per_weight[stage], base)
+        named = _by_reader(weights, per_weight[stage], base, skipped)
         if base is None and not any(config is not None for config in named.values()):
             continue
-        configs[stage] = OptimizationConfig(global_config=base, op_type_configs=_op_type_configs(),
+        configs[stage] = OptimizationConfig(global_config=base, op_type_configs=dict.fromkeys(skipped),
                                             op_name_configs=named)
     return configs
 
@@ -185,7 +189,7 @@ def compress_package(package: Path, scheme: Scheme, out: Path, component: str = 
     mixed = None
     if scheme.palettize and scheme.palettize.mixed:
         mixed = mixed_recipe(package, scheme, component, calibration)
-    configs = stage_configs(package, scheme, mixed)
+    configs = stage_configs(package, scheme, mixed, skipped_op_types(component))
     model = ct.models.MLModel(str(package), skip_model_load=True)
     if "prune" in configs:
         model = prune_weights(model, configs["prune"])

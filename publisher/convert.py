@@ -24,20 +24,19 @@ import coremltools as ct
 import numpy as np
 import torch
 
-from publisher import __version__
+from publisher import VERSION_KEY, __version__
 from publisher.attention import Attention
 from publisher.checkpoint import Assembly
 from publisher.child_process import LIBRARY_LOGGERS, mirror_parent
 from publisher.components import component_spec
 from publisher.coremltools_fixes import install_coremltools_fixes
 from publisher.errors import PublisherError
+from publisher.language_model import convert_language_model, load_language_model_source
 from publisher.recipe import Recipe, load_recipe
 from publisher.source import LoadedSource, load_source, release_memory
 from publisher.wrappers import ComponentIO, component_io, feature_description, reference_module
 
 APPLE_LICENSE_NOTE = "Please refer to the model card of the source model"
-# Apple's packages carry com.github.apple.ml-stable-diffusion.version; ours name their own tool.
-VERSION_KEY = "com.github.coreml-publisher.version"
 
 
 @dataclass(frozen=True)
@@ -171,6 +170,9 @@ def convert_in_subprocess(recipe_file: Path, component: str, attention: Attentio
 def _convert_alone(recipe_file: Path, component: str, attention: Attention, package: Path,
                    assembly: Assembly | None) -> ConvertedComponent:
     recipe = load_recipe(recipe_file)
+    if component_spec(component).role == "language_model":
+        parameters, seconds = convert_language_model(recipe, load_language_model_source(recipe), package)
+        return ConvertedComponent(component, package, parameters, seconds, peak_rss=_peak_rss())
     source = load_source(recipe, models=(component_spec(component).model,), assembly=assembly)
     converted = convert_component(recipe, source, component, package, attention)
     return replace(converted, peak_rss=_peak_rss())

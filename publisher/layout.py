@@ -14,4 +14,9 @@ IMAGES_FOLDER = "images"
 # Apple's Swift pipeline reads the CLIP tokenizer from these two files beside the models.
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
-ROOT_NAMES = (CARD_NAME, RECIPE_NAME, REPORT_NAME, DEVICE_RESULTS_NAME, IMAGES_FOLDER, *TOKENIZER_FILES)
+# A language model's repository carries its config and tokenizer, which swift-transformers and transformers read.
+LANGUAGE_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                        "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+
+ROOT_NAMES = (CARD_NAME, RECIPE_NAME, REPORT_NAME, DEVICE_RESULTS_NAME, IMAGES_FOLDER, *TOKENIZER_FILES,
+              *LANGUAGE_MODEL_FILES)

@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import coremltools as ct
 import numpy as np
@@ -29,9 +30,11 @@ from publisher.source import LoadedSource
 from publisher.wrappers import component_io, image_size, reference_module
 
 EXECUTOR_MODES: tuple[executor.Mode, ...] = ("fp32", "fp16")
-# The components the end-to-end text-to-image loop runs.
 COREML_RUNTIME = "coreml-runtime"
-GUIDANCE_SCALE = 7.5
+# diffusers' SDXL image-to-image default: the refiner re-noises the last 30 % of the schedule and denoises it.
+REFINER_STRENGTH = 0.3
+# diffusers' refiner conditions the prompt's row on a high aesthetic score and the unconditional row on a low one.
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 UNET_TIMESTEP_SAMPLES = 3  # early, middle and late in the schedule: errors differ across noise levels
 
 Inputs = dict[str, np.ndarray]
@@ -179,8 +182,6 @@ def _denoiser_cases(recipe: Recipe, source: LoadedSource, shapes: dict[str, tupl
     timesteps = scheduler.timesteps.numpy()
     picks = timesteps[np.linspace(0, len(timesteps) - 1, UNET_TIMESTEP_SAMPLES).round().astype(int)]
     size = image_size(recipe, source)
-    # SDXL base: original size, crop corner, target size; the refiner: size, crop, aesthetic score.
-    time_ids = {6: [size, size, 0, 0, size, size], 5: [size, size, 0, 0, 6.0]}
     cases = []
     for timestep in picks:
         case = {
@@ -189,10 +190,16 @@ def _denoiser_cases(recipe: Recipe, source: LoadedSource, shapes: dict[str, tupl
             "encoder_hidden_states": embeddings,
         }
         if "time_ids" in shapes:
-            case["time_ids"] = np.tile(np.array(time_ids[shapes["time_ids"][1]], np.float32), (batch, 1))
+            case["time_ids"] = np.tile(_time_ids(size, shapes["time_ids"][1], AESTHETIC_SCORE), (batch, 1))
             case["text_embeds"] = np.resize(pooled, shapes["text_embeds"]).astype(np.float32)
         cases.append(case)
     return cases
+
+
+def _time_ids(size: int, width: int, aesthetic_score: float) -> np.ndarray:
+    """SDXL's micro-conditioning: the base's six (original size, crop corner, target size) or the refiner's five
+    (original size, crop corner, aesthetic score)."""
+    return np.array({6: [size, size, 0, 0, size, size], 5: [size, size, 0, 0, aesthetic_score]}[width], np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +322,8 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[str, Inputs], Outputs],
             calls: dict[str, list[tuple[Inputs, Outputs]]] | None = None) -> np.ndarray:
-    """A short text-to-image loop with classifier-free guidance over ``run(component, inputs)``.
+    """A short text-to-image loop (image-to-image for the refiner) over ``run(component, inputs)``, as
+    diffusers' pipelines sample: the source's scheduler, the recipe's guidance, seeded noise.
 
     The same loop serves the torch reference and the packages, so the two images differ only by
     what the components compute. Each call's inputs and outputs are appended to ``calls[component]``.
@@ -323,24 +331,27 @@ def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[st
     if calls is not None:
         run = _recording(run, calls)
     pipe = source.pipe
-    scheduler = copy.deepcopy(pipe.scheduler)
-    scheduler.set_timesteps(recipe.parity.image_steps)
+    scheduler, timesteps = _schedule(recipe, source)
     components = image_components(recipe, source)
     denoiser = next(name for name in components if component_spec(name).role == "denoiser")
     controlnet = next((name for name in components if component_spec(name).role == "controlnet"), None)
-    conditioning = _guided_conditioning(recipe, source, prompt, run, denoiser)
+    guidance = recipe.parity.guidance_scale
+    conditioning = _guided_conditioning(recipe, source, prompt, run, denoiser, guidance)
     if controlnet is not None:
         # A fixed structured image stands for the conditioning (edges, depth) an app would make.
         pixels = image_size(recipe, source)
         conditioning["controlnet_cond"] = np.repeat(((structured_image(pixels, pixels) + 1) / 2)[None], 2, axis=0)
-    latent = image_size(recipe, source) // source.vae_scale_factor
     generator = torch.Generator().manual_seed(recipe.parity.seed)
-    latents = torch.randn((1, pipe.unet.config.in_channels, latent, latent), generator=generator)
-    latents = latents * scheduler.init_noise_sigma
+    if refines(source):
+        latents = _noised_base_image(recipe, source, run, scheduler, timesteps[:1], generator)
+    else:
+        latent = image_size(recipe, source) // source.vae_scale_factor
+        latents = torch.randn((1, pipe.unet.config.in_channels, latent, latent), generator=generator)
+        latents = latents * scheduler.init_noise_sigma
     # An ancestral scheduler (SDXL-Turbo's Euler ancestral) adds noise at every step: drawn from the seeded
     # generator, so the reference and the packages see the same noise.
     step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    for timestep in scheduler.timesteps:
+    for timestep in timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
         values = {"sample": model_input.numpy(), "timestep": np.full((2,), float(timestep), dtype=np.float32),
                   **conditioning}
@@ -348,10 +359,52 @@ def denoise(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[st
             values |= run(controlnet, _in_order(recipe, source, controlnet, values))
         noise = run(denoiser, _in_order(recipe, source, denoiser, values))["noise_pred"]
         uncond, text = torch.from_numpy(noise.astype(np.float32)).chunk(2)
-        guided = uncond + GUIDANCE_SCALE * (text - uncond)
+        guided = uncond + guidance * (text - uncond)
         latents = scheduler.step(guided, timestep, latents, **step_options).prev_sample
     z = (latents / pipe.vae.config.scaling_factor).numpy()
     return _to_uint8(run("vae_decoder", {"z": z})["image"].astype(np.float32))
+
+
+def refines(source: LoadedSource) -> bool:
+    """Whether the source refines an image rather than drawing one: the SDXL refiner, which diffusers loads as its
+    image-to-image pipeline, conditioned on an aesthetic score."""
+    return bool(source.pipe.config.get("requires_aesthetics_score", False))
+
+
+def _denoising_steps(recipe: Recipe, source: LoadedSource) -> int:
+    """The steps the image check denoises: the recipe's image steps, or for the refiner the last
+    :data:`REFINER_STRENGTH` of them as diffusers takes them (at least one, where diffusers would refuse to run
+    none)."""
+    steps = recipe.parity.image_steps
+    return max(int(steps * REFINER_STRENGTH), 1) if refines(source) else steps
+
+
+def _schedule(recipe: Recipe, source: LoadedSource) -> tuple[Any, torch.Tensor]:
+    """A copy of the source's scheduler set for the recipe's image steps, and the timesteps of the
+    :func:`_denoising_steps`."""
+    scheduler = copy.deepcopy(source.pipe.scheduler)
+    steps = recipe.parity.image_steps
+    scheduler.set_timesteps(steps)
+    if not refines(source):
+        return scheduler, scheduler.timesteps
+    start = (steps - _denoising_steps(recipe, source)) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):  # where add_noise and the first step find their place
+        scheduler.set_begin_index(start)
+    return scheduler, scheduler.timesteps[start:]
+
+
+def _noised_base_image(recipe: Recipe, source: LoadedSource, run: Callable[[str, Inputs], Outputs], scheduler: Any,
+                       timestep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The refiner's first latents, made as diffusers' image-to-image makes them: the base image through ``run``'s
+    VAE encoder, a sample of its posterior in the UNet's scale, noised to the first timestep. A fixed structured
+    image stands for the base model's output."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    pixels = image_size(recipe, source)
+    moments = run("vae_encoder", {"x": structured_image(pixels, pixels)[None]})["latent"]
+    posterior = DiagonalGaussianDistribution(torch.from_numpy(moments.astype(np.float32)))
+    latents = posterior.sample(generator) * source.pipe.vae.config.scaling_factor
+    return scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), timestep)
 
 
 def _in_order(recipe: Recipe, source: LoadedSource, component: str, values: Inputs) -> Inputs:
@@ -360,22 +413,29 @@ def _in_order(recipe: Recipe, source: LoadedSource, component: str, values: Inpu
 
 
 def _guided_conditioning(recipe: Recipe, source: LoadedSource, prompt: str, run: Callable[[str, Inputs], Outputs],
-                         denoiser: str) -> Inputs:
+                         denoiser: str, guidance: float) -> Inputs:
     """The UNet's text inputs for the unconditional and the prompt's rows, from ``run``'s text encoders: the
     hidden states of every encoder, concatenated (SDXL), and for SDXL the last one's pooled output with the
-    micro-conditioning (original size, crop corner, target size)."""
+    micro-conditioning (original size, crop corner, target size or aesthetic score).
+
+    Unguided, both rows are the prompt's: the guided noise is then the prompt's, as diffusers samples without
+    guidance, and the UNet still takes the two rows Apple's SDXL pipelines feed it.
+    """
+    rows = ["" if guidance else prompt, prompt]
     hidden, pooled = [], None
     for encoder in (name for name in image_components(recipe, source)
                     if component_spec(name).role == "text_encoder"):
         first, pooled_name = component_io(recipe, source, encoder).outputs
-        outputs = [run(encoder, {"input_ids": row}) for row in tokenize(source, ["", prompt])]
+        outputs = [run(encoder, {"input_ids": row}) for row in tokenize(source, rows)]
         hidden.append(np.concatenate([output[first] for output in outputs]))
         pooled = np.concatenate([output[pooled_name] for output in outputs])
     embeddings = np.concatenate(hidden, axis=-1).transpose(0, 2, 1)[:, :, None, :].astype(np.float32)
     inputs = {"encoder_hidden_states": embeddings}
-    if any(spec.name == "time_ids" for spec in component_io(recipe, source, denoiser).inputs):
+    time_ids = next((spec for spec in component_io(recipe, source, denoiser).inputs if spec.name == "time_ids"), None)
+    if time_ids is not None:
         size = image_size(recipe, source)
-        inputs["time_ids"] = np.tile(np.array([size, size, 0, 0, size, size], np.float32), (2, 1))
+        scores = (NEGATIVE_AESTHETIC_SCORE if guidance else AESTHETIC_SCORE, AESTHETIC_SCORE)  # the refiner's
+        inputs["time_ids"] = np.stack([_time_ids(size, time_ids.shape[1], score) for score in scores])
         inputs["text_embeds"] = pooled.astype(np.float32)
     return inputs
 
@@ -410,23 +470,20 @@ def package_runner(packages: Mapping[str, Path | Sequence[Path]], mode: executor
 
 
 def image_components(recipe: Recipe, source: LoadedSource) -> tuple[str, ...]:
-    """What the text-to-image check runs: the text encoders the source has, the denoiser (the ControlNet and the
-    control-unet for a ControlNet recipe) and the VAE decoder, as Apple's pipelines do."""
+    """What the image check runs: the text encoders the source has, the denoiser (the ControlNet and the
+    control-unet for a ControlNet recipe) and the VAE decoder, as Apple's pipelines do; the refiner also encodes
+    its base image with the VAE encoder."""
     controlled = any(component_spec(component).role == "controlnet" for component in recipe.conversion.components)
     models = [name for name in source.model_classes if getattr(source.pipe, name, None) is not None]
-    return tuple(component for component in pipeline_components(models, controlled=controlled)
+    return tuple(component for component in pipeline_components(models, controlled=controlled, refines=refines(source))
                  if component_spec(component).role != "safety_checker")
 
 
 def checks_images(recipe: Recipe, source: LoadedSource) -> bool:
-    """Whether the run draws end-to-end images: a text-to-image recipe (SD 1.x, 2.x, SDXL base) with image steps
-    that converts every component the images need.
-
-    The SDXL refiner (no first text encoder) refines a base image: this text-to-image loop is not its use.
-    """
-    components = image_components(recipe, source)
-    return (recipe.parity.image_steps > 0 and "text_encoder" in components
-            and all(component in recipe.conversion.components for component in components))
+    """Whether the run draws end-to-end images: a recipe with image steps that converts every component the
+    images need."""
+    return recipe.parity.image_steps > 0 and all(
+        component in recipe.conversion.components for component in image_components(recipe, source))
 
 
 def cases_from_images(recipe: Recipe, source: LoadedSource) -> tuple[str, ...]:
@@ -434,12 +491,13 @@ def cases_from_images(recipe: Recipe, source: LoadedSource) -> tuple[str, ...]:
 
     Those calls see what a real run feeds the components, and their torch outputs are computed for
     the images anyway: reusing them saves SD 1.5 three torch forwards of its UNet and one of its VAE
-    decoder. The decoder's case is the final latents; the UNet's are steps early, middle and late in
-    the schedule, the timesteps its own cases would take, so it needs that many steps.
+    decoder. The decoder's case is the final latents (the refiner's encoder's, its base image); the UNet's are
+    steps early, middle and late in the schedule, the timesteps its own cases would take, so it needs that many
+    denoising steps.
     """
     if not checks_images(recipe, source):
         return ()
-    steps_enough = recipe.parity.image_steps >= UNET_TIMESTEP_SAMPLES
+    steps_enough = _denoising_steps(recipe, source) >= UNET_TIMESTEP_SAMPLES
     return tuple(component for component in image_components(recipe, source) if component_spec(component).role == "vae"
                  or (component_spec(component).is_denoiser and steps_enough))
 

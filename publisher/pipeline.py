@@ -30,6 +30,15 @@ from publisher.components import CHUNKS, chunk_names, component_spec, pipeline_c
 from publisher.compress import compress_package
 from publisher.convert import convert_in_subprocess
 from publisher.executor import LoadedProgram
+from publisher.language_model import LanguageModelSource, load_language_model_source
+from publisher.language_model_parity import COMPONENT as LM_COMPONENT
+from publisher.language_model_parity import gate as gate_language_model
+from publisher.language_model_parity import (
+    load_references,
+    measure_language_model,
+    reference_tokens,
+    save_references,
+)
 from publisher.monitor import Monitor
 from publisher.parity import (
     ComponentParity,
@@ -42,6 +51,7 @@ from publisher.parity import (
     measure_component,
     reference_cases,
     reference_images,
+    refines,
 )
 from publisher.push import PushOptions, adopt_published_costs, push_folder_and_report
 from publisher.recipe import ModelSource, Recipe, Scheme, Variant
@@ -52,6 +62,7 @@ from publisher.report import (
     PublishReport,
     SourceInput,
     StageCost,
+    TokenParity,
     VariantReport,
     tool_versions,
 )
@@ -89,6 +100,7 @@ class Build:
 class Parity:
     results: list[ParityResult] = field(default_factory=list)
     images: list[ImageParity] = field(default_factory=list)
+    tokens: list[TokenParity] = field(default_factory=list)
 
 
 @dataclass
@@ -96,7 +108,7 @@ class Run:
     """What every stage of one run shares."""
 
     recipe: Recipe
-    source: LoadedSource
+    source: LoadedSource | LanguageModelSource
     source_identity: str
     cache: StageCache
     monitor: Monitor
@@ -133,9 +145,7 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
         assembly = assemble_source_stage(recipe, cache, monitor, entries)
         with monitor.stage("load source", record=False):
             # Configs and tokenizer only: each stage loads the weights of the component it works on.
-            source = load_source(recipe, models=(), assembly=assembly)
-            recipe = with_source_components(recipe, source.model_classes)  # a Hub source is known once it loads
-            inputs = weight_inputs(recipe) + list(assembly.inputs if assembly else ())
+            source, recipe, inputs = load_run_source(recipe, assembly)
         run = Run(recipe, source, source_identity(recipe), cache, monitor, work, entries)
         missing = missing_components(recipe, source)
         if missing:
@@ -171,6 +181,16 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
     if push is not None:
         push_folder_and_report(out, recipe.target.repo, private=recipe.target.private, options=push, quiet=quiet)
     return report
+
+
+def load_run_source(recipe: Recipe, assembly: Assembly | None
+                    ) -> tuple[LoadedSource | LanguageModelSource, Recipe, list[SourceInput]]:
+    """The source without weights, the recipe with the components it resolves, and the input files' hashes."""
+    if recipe.task == "text-generation":
+        return load_language_model_source(recipe), recipe, weight_inputs(recipe)
+    source = load_source(recipe, models=(), assembly=assembly)
+    recipe = with_source_components(recipe, source.model_classes)  # a Hub source is known once it loads
+    return source, recipe, weight_inputs(recipe) + list(assembly.inputs if assembly else ())
 
 
 def remove_abandoned_work(out: Path) -> None:
@@ -372,6 +392,8 @@ def check_parity(run: Run, build: Build) -> Parity:
     A package shared by several variants is measured once and reported under each.
     """
     recipe = run.recipe
+    if recipe.task == "text-generation":
+        return check_language_model_parity(run, build)
     parity = Parity()
     # Measured against the torch reference: keyed on what keys the reference, whose cases depend on
     # the whole recipe's components and steps (see cases_from_images).
@@ -408,6 +430,30 @@ def check_parity(run: Run, build: Build) -> Parity:
     return parity
 
 
+def check_language_model_parity(run: Run, build: Build) -> Parity:
+    """Prefill and decode each variant's package against transformers' greedy tokens
+    (publisher.language_model_parity)."""
+    settings = reference_settings(run)
+    references = cached(run, "reference", {"component": LM_COMPONENT, **settings}, LM_COMPONENT,
+                        lambda folder: save_references(reference_tokens(run.recipe, run.source),
+                                                       folder / "reference.npz"))
+    parity = Parity()
+    for variant, packages in build.by_variant.items():
+        (package,) = packages[LM_COMPONENT]
+
+        def measure(folder: Path, package: Path = package, variant: str = variant) -> None:
+            rows = measure_language_model(package, load_references(references / "reference.npz"), variant)
+            (folder / "tokens.json").write_text(json.dumps([row.model_dump() for row in rows]))
+
+        entry = cached(run, "parity", {"component": LM_COMPONENT, "package": hash_path(package), **settings},
+                       f"{variant}/{LM_COMPONENT}", measure)
+        rows = [TokenParity.model_validate(item) for item in json.loads((entry / "tokens.json").read_text())]
+        judged, summary = gate_language_model(run.recipe, rows)
+        parity.tokens += judged
+        parity.results += summary
+    return parity
+
+
 def hash_chain(chain: tuple[Path, ...]) -> str:
     return " + ".join(hash_path(package) for package in chain)
 
@@ -436,8 +482,11 @@ def images_reference(run: Run) -> Path:
 
 def reference_settings(run: Run) -> dict:
     recipe = run.recipe
-    return {"source": run.source_identity, "prompts": list(recipe.card.prompts), "parity": recipe.parity.model_dump(
-        mode="json", exclude={"min_psnr", "per_component"}), "conversion": recipe.conversion.model_dump(mode="json")}
+    # The thresholds judge the measurements; they change no reference and no measured number.
+    thresholds = {"min_psnr", "per_component", "min_token_agreement"}
+    return {"source": run.source_identity, "prompts": list(recipe.card.prompts),
+            "parity": recipe.parity.model_dump(mode="json", exclude=thresholds),
+            "conversion": recipe.conversion.model_dump(mode="json")}
 
 
 def variant_images(run: Run, variant: str, packages: dict[str, tuple[Path, ...]], hashes: dict[str, str],
@@ -460,11 +509,13 @@ def variant_images(run: Run, variant: str, packages: dict[str, tuple[Path, ...]]
     return results
 
 
-def missing_components(recipe: Recipe, source: LoadedSource) -> list[str]:
+def missing_components(recipe: Recipe, source: LoadedSource | LanguageModelSource) -> list[str]:
     """What Apple's pipelines load for this model and the recipe does not convert: a partial repository."""
+    if recipe.task == "text-generation":
+        return []
     converted = recipe.conversion.components
     controlled = any(component_spec(component).role == "controlnet" for component in converted)
-    needed = pipeline_components(source.model_classes, controlled=controlled)
+    needed = pipeline_components(source.model_classes, controlled=controlled, refines=refines(source))
     return [component for component in needed if component not in converted]
 
 
@@ -510,8 +561,8 @@ def part_report(whole: ComponentReport, name: str, package: Path, relative: str)
     })
 
 
-def make_report(recipe: Recipe, source: LoadedSource, build: Build, parity: Parity, monitor: Monitor,
-                inputs: list[SourceInput] | None = None) -> PublishReport:
+def make_report(recipe: Recipe, source: LoadedSource | LanguageModelSource, build: Build, parity: Parity,
+                monitor: Monitor, inputs: list[SourceInput] | None = None) -> PublishReport:
     return PublishReport(
         recipe_name=recipe.name,
         recipe_file=recipe.file.name,
@@ -525,7 +576,9 @@ def make_report(recipe: Recipe, source: LoadedSource, build: Build, parity: Pari
         target_repo=recipe.target.repo,
         precision=recipe.conversion.precision,
         minimum_deployment_target=recipe.conversion.minimum_deployment_target.value,
-        image_size=image_size(recipe, source),
+        image_size=image_size(recipe, source) if recipe.task == "text-to-image" else None,
+        task=recipe.task,
+        context_length=recipe.conversion.context_length if recipe.task == "text-generation" else None,
         tool_versions=tool_versions(),
         card_tags=list(recipe.card.tags),
         inputs=inputs or [],
@@ -534,5 +587,6 @@ def make_report(recipe: Recipe, source: LoadedSource, build: Build, parity: Pari
         variants=build.variants,
         parity=parity.results,
         image_parity=parity.images,
+        token_parity=parity.tokens,
         stages=list(monitor.costs),
     )

@@ -24,6 +24,7 @@ from publisher.assemble import package_path
 from publisher.checkpoint import single_file_architecture
 from publisher.components import TABLE, component_spec
 from publisher.errors import RecipeError
+from publisher.language_model import inspect_language_model
 from publisher.recipe import Palettize, Recipe, Scheme, load_recipe
 from publisher.source import LoadedSource, detect_family, inspect_source, model_class, with_source_components
 from publisher.wrappers import reference_module
@@ -212,7 +213,7 @@ def _constants(module: torch.nn.Module) -> list[tuple[torch.Size, bool]]:
     return [(parameter.shape, id(parameter) in gathered) for parameter in module.parameters()] + masks
 
 
-def package_bytes(module: torch.nn.Module, scheme: Scheme, float_bits: int) -> int:
+def package_bytes(module: torch.nn.Module, scheme: Scheme, float_bits: int, component: str = "") -> int:
     """The expected size of the weights of ``module`` converted and compressed with ``scheme``.
 
     Args:
@@ -220,15 +221,20 @@ def package_bytes(module: torch.nn.Module, scheme: Scheme, float_bits: int) -> i
         scheme (`Scheme`): The component's compression; tensors of at most ``weight_threshold``
             elements and embeddings read by ``gather`` stay float. Overrides are not modelled.
         float_bits (`int`): 16 or 32, the component's precision.
+        component (`str`): The component; a language model is its parameters alone, embeddings compressed too
+            (its trace builds its mask from the inputs, and its table entry compresses embeddings).
 
     Returns:
         `int`: bytes of its weight file.
     """
     compresses = bool(scheme.palettize or scheme.quantize or scheme.prune)
+    language_model = bool(component) and component_spec(component).compress_embeddings
+    constants = [(parameter.shape, False) for parameter in module.parameters()] if language_model \
+        else _constants(module)
     return BLOB_ALIGNMENT + sum(
         tensor_bytes(shape, scheme if compresses and shape.numel() > scheme.weight_threshold and not gathered else None,
                      float_bits)
-        for shape, gathered in _constants(module)
+        for shape, gathered in constants
     )
 
 
@@ -242,6 +248,8 @@ def plan_recipe(recipe: Recipe) -> Plan:
         `Plan`: one row per variant and component; sizes are ``None`` where no config is at hand (a Hub
         repository without a shipped architecture), and ``Plan.unknown`` says why.
     """
+    if recipe.task == "text-generation":
+        return _plan_language_model(recipe)
     info = inspect_source(recipe)
     family = info.family or (_architecture_family(recipe) if recipe.source.repo else None)
     recipe = with_source_components(recipe, info.components or _architecture_models(recipe))
@@ -268,6 +276,26 @@ def plan_recipe(recipe: Recipe) -> Plan:
                                            recipe.compression.for_component(component).describe(),
                                            *estimates[component]))
     return Plan(tuple(packages), family, unknown)
+
+
+def _plan_language_model(recipe: Recipe) -> Plan:
+    """A language model's one package per variant, sized from its config (the local folder's or the shipped one)."""
+    family = inspect_language_model(recipe)
+    (component,) = recipe.conversion.components
+    scheme = recipe.compression.for_component(component)
+    estimate: tuple[int | None, int | None] = (None, None)
+    unknown = None
+    try:
+        model = empty_model(recipe.source.path or architecture(str(recipe.source.repo)))
+        model.tie_weights()  # built on the meta device untied: a tied LM head is the embedding's constant
+        float_bits = 32 if recipe.conversion.precision == "float32" else 16
+        estimate = (sum(p.numel() for p in model.parameters()), package_bytes(model, scheme, float_bits, component))
+    except LookupError as missing:
+        unknown = str(missing)
+    packages = tuple(PlannedPackage(variant.folder_name, component,
+                                    package_path(variant.folder_name, recipe, component), scheme.describe(), *estimate)
+                     for variant in recipe.variants)
+    return Plan(packages, family, unknown)
 
 
 def _architecture_models(recipe: Recipe) -> tuple[str, ...]:
@@ -339,7 +367,9 @@ def describe_plan(recipe_file: str | Path) -> str:
         f"{'family':<10} {plan.family or 'detected when loaded'}",
         f"{'target':<10} {recipe.target.repo}" + (" (private)" if recipe.target.private else ""),
         f"{'convert':<10} {recipe.conversion.precision}, {recipe.conversion.minimum_deployment_target.value}, "
-        f"UNet batch {recipe.conversion.unet_batch}" + (", UNet in two chunks" if recipe.conversion.chunk_unet else ""),
+        + (f"{recipe.conversion.context_length}-token KV cache as state" if recipe.task == "text-generation" else
+           f"UNet batch {recipe.conversion.unet_batch}" + (", UNet in two chunks" if recipe.conversion.chunk_unet
+                                                          else "")),
         "",
     ]
     total = sum(p.size_bytes or 0 for p in plan.packages)

@@ -34,6 +34,9 @@ from publisher.errors import RecipeError
 from publisher.layout import ROOT_NAMES
 
 Component = Literal[COMPONENTS]  # type: ignore[valid-type]  # the table's names, checked by pydantic
+Task = Literal["text-to-image", "text-generation"]
+# A language model's default parity prompts: several scripts, as multilingual families (Qwen2) are published.
+LANGUAGE_MODEL_PROMPTS = ("The capital of France is", "Écris une phrase sur la mer.", "日本の首都は")
 VAE_COMPONENTS = component_names("vae")
 Precision = Literal["float16", "float32"]
 PALETTIZE_NBITS = (1, 2, 3, 4, 6, 8)
@@ -258,6 +261,10 @@ class Conversion(_Strict):
     unet_batch: Annotated[int, Field(ge=1, le=8)] = 2
     # Apple's --chunk-unet: iOS maps large models badly, so UNets above ~6 bits ship as two packages.
     chunk_unet: bool = False
+    # Language models: the KV cache's length (tokens), and the longest input one call takes (a prompt chunk; decode
+    # feeds one token). Default: the whole context.
+    context_length: Annotated[int, Field(ge=2, le=131072)] = 2048
+    max_input_length: Annotated[int, Field(ge=2, le=131072)] | None = None
 
     @field_validator("components")
     @classmethod
@@ -464,6 +471,13 @@ class Parity(_Strict):
     per_component: dict[Component, Annotated[float, Field(ge=0, le=200)]] = Field(default_factory=dict)
     image_steps: Annotated[int, Field(ge=0, le=100)] = 4
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    # The image check's classifier-free guidance: 0 for adversarially distilled models (SD-Turbo, SDXL-Turbo), which
+    # their cards sample without guidance.
+    guidance_scale: Annotated[float, Field(ge=0, le=30)] = 7.5
+    # Language models: greedy tokens decoded after each prompt, and the share of positions whose top-1 token must
+    # match the reference's. Unset thresholds default per compression scheme (publisher.language_model_parity).
+    decode_steps: Annotated[int, Field(ge=1, le=256)] = 16
+    min_token_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
 
     def threshold(self, component: str) -> float:
         return self.per_component.get(component, self.min_psnr)  # type: ignore[call-overload]
@@ -490,6 +504,8 @@ class Recipe(_Strict):
     """A validated recipe. Paths inside it are absolute (resolved against the recipe's folder)."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")]
+    # text-to-image: a diffusers pipeline; text-generation: a transformers causal LM (publisher.language_model).
+    task: Task = "text-to-image"
     source: Source
     target: PublishTarget
     variants: tuple[Variant, ...] = (Variant(),)
@@ -501,6 +517,24 @@ class Recipe(_Strict):
     # Set by load_recipe, not by the YAML.
     file: Path = Field(default=Path("<memory>"), exclude=True)
     text: str = Field(default="", exclude=True, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """A language model's defaults: its one component, the first target with states, prompts of text."""
+        if not (isinstance(data, dict) and data.get("task") == "text-generation"):
+            return data
+        data = dict(data)
+        conversion = data.get("conversion")
+        if conversion is None or isinstance(conversion, dict):
+            conversion = dict(conversion or {})
+            conversion.setdefault("components", list(component_names("language_model")))
+            conversion.setdefault("minimum_deployment_target", Target.iOS18.value)
+            data["conversion"] = conversion
+        card = data.get("card")
+        if card is None or isinstance(card, dict):
+            data["card"] = {"prompts": list(LANGUAGE_MODEL_PROMPTS), **(card or {})}
+        return data
 
     @field_validator("variants")
     @classmethod
@@ -698,8 +732,12 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     return recipe.model_copy(update={"source": source, "card": card, "compression": compression})
 
 
-def _check_local_files(source: Source) -> tuple[tuple[Any, ...], str] | None:
+def _check_local_files(source: Source, task: Task) -> tuple[tuple[Any, ...], str] | None:
     """The local paths exist and are what the recipe takes them for: folders with their index, or files."""
+    if task == "text-generation":
+        if source.path is not None and not (source.path / "config.json").is_file():
+            return ("source", "path"), f"{source.path} is not a transformers model folder (no config.json)"
+        return None
     if source.path is not None and source.is_single_file and not source.path.is_file():
         return ("source", "path"), f"{source.path} does not exist"
     if source.path is not None and not source.is_single_file and not (source.path / "model_index.json").is_file():
@@ -749,7 +787,7 @@ def is_inside(path: Path, folder: Path) -> bool:
 def _cross_check(recipe: Recipe, data: dict[str, Any], folder: Path) -> tuple[tuple[Any, ...], str] | None:
     """Checks that span several fields; returns the first problem's location and message."""
     source = recipe.source
-    problem = _check_local_files(source)
+    problem = _check_local_files(source, recipe.task)
     if problem:
         return problem
     template = recipe.card.template
@@ -764,6 +802,11 @@ def _cross_check(recipe: Recipe, data: dict[str, Any], folder: Path) -> tuple[tu
         return ("card", "template"), f"{template} does not exist"
 
     converted = set(recipe.conversion.components)
+    language_model = set(component_names("language_model"))
+    if recipe.task == "text-generation":
+        return _language_model_problem(recipe, data)
+    if converted & language_model:
+        return ("conversion", "components"), "language_model needs task: text-generation"
     if "controlnet" in converted and source.controlnet is None:
         return ("conversion", "components"), "controlnet needs source.controlnet (the ControlNet model to convert)"
     if source.controlnet is not None and "controlnet" not in converted:
@@ -798,4 +841,31 @@ def _cross_check(recipe: Recipe, data: dict[str, Any], folder: Path) -> tuple[tu
         return ("conversion", "unet_batch"), batch_problem
     if "text_encoder_2" in converted and source.family in ("sd1", "sd2"):
         return ("conversion", "components"), f"text_encoder_2 exists only in sdxl pipelines, not {source.family}"
+    return None
+
+
+def _language_model_problem(recipe: Recipe, data: dict[str, Any]) -> tuple[tuple[Any, ...], str] | None:
+    """What a ``text-generation`` recipe cannot ask for: the diffusion fields, a target without states."""
+    source, conversion = recipe.source, recipe.conversion
+    if set(conversion.components) != set(component_names("language_model")):
+        return ("conversion", "components"), "a text-generation recipe converts language_model alone"
+    for name in ("family", "config", "vae", "controlnet", "filename"):
+        if getattr(source, name) is not None:
+            return ("source", name), "is for diffusion pipelines; a language model's source is a folder or Hub repo"
+    if source.loras:
+        return ("source", "loras"), "LoRAs are fused into diffusion pipelines only"
+    if conversion.minimum_deployment_target.opset < 18:
+        return ("conversion", "minimum_deployment_target"), (
+            f"{conversion.minimum_deployment_target.value}: the KV cache is a Core ML state, which needs iOS18 or"
+            " macOS15")
+    if conversion.max_input_length is not None and conversion.max_input_length > conversion.context_length:
+        return ("conversion", "max_input_length"), (
+            f"{conversion.max_input_length} is longer than conversion.context_length {conversion.context_length}")
+    if any(variant.attention != "original" for variant in recipe.variants):
+        return ("variants",), "language models have one attention implementation: leave attention unset"
+    scheme = recipe.compression.for_component("language_model")
+    if scheme.min_opset > conversion.minimum_deployment_target.opset:
+        return ("compression", "language_model"), (
+            f"{scheme.describe()} needs iOS18/macOS15; conversion.minimum_deployment_target is"
+            f" {conversion.minimum_deployment_target.value}")
     return None

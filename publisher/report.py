@@ -64,6 +64,23 @@ class ImageParity(BaseModel):
     variant_image: str = Field(description="PNG path relative to the repository root")
 
 
+class TokenParity(BaseModel):
+    """A language model's prompt, prefilled then decoded through the package, against transformers in fp32."""
+
+    prompt: str
+    variant: str
+    backend: str
+    prompt_tokens: int
+    decode_steps: int
+    prefill_psnr_db: float = Field(description="Logits PSNR over every prompt position")
+    decode_psnr_db: float = Field(description="Logits PSNR of the worst decode step")
+    token_agreement: float = Field(description="Share of predicted positions whose top-1 token is the reference's")
+    first_divergence: int | None = Field(description="First decode step whose top-1 differs (0: the prefill's)")
+    threshold_db: float
+    min_token_agreement: float
+    passed: bool
+
+
 class VariantReport(BaseModel):
     folder: str
     attention: str
@@ -120,7 +137,9 @@ class PublishReport(BaseModel):
     target_repo: str
     precision: str
     minimum_deployment_target: str
-    image_size: int
+    image_size: int | None = Field(description="The diffusion pipeline's image size; none for a language model")
+    task: str = "text-to-image"
+    context_length: int | None = Field(default=None, description="A language model's KV cache length (tokens)")
     tool_versions: dict[str, str]
     card_tags: list[str] = Field(default_factory=list)
     inputs: list[SourceInput] = Field(
@@ -136,6 +155,7 @@ class PublishReport(BaseModel):
     variants: list[VariantReport]
     parity: list[ParityResult] = Field(default_factory=list)
     image_parity: list[ImageParity] = Field(default_factory=list)
+    token_parity: list[TokenParity] = Field(default_factory=list)
     stages: list[StageCost] = Field(default_factory=list)
     machine: Machine = Field(default_factory=Machine.current)
 

@@ -1,4 +1,4 @@
-"""Random-weight diffusers pipelines built from configs alone.
+"""Random-weight diffusers pipelines and transformers language models built from configs alone.
 
 The Hub is unreachable from CI and from this project's machines, yet the loading code must be the
 real one (`from_pretrained` on a folder). So the offline demo, the tests and the full-size
@@ -28,6 +28,8 @@ def build_pipeline(config_dir: Path, out_dir: Path, *, seed: int = 0, dtype: tor
     The output is written to a temporary sibling and renamed into place, so an interrupted build
     never leaves a folder that looks complete.
     """
+    if not (config_dir / "model_index.json").is_file():
+        return build_language_model(config_dir, out_dir, seed=seed, dtype=dtype)
     index = json.loads((config_dir / "model_index.json").read_text())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -49,6 +51,26 @@ def build_pipeline(config_dir: Path, out_dir: Path, *, seed: int = 0, dtype: tor
                 model = model.to(dtype)
             model.save_pretrained(staging / name, safe_serialization=True)
             del model
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def build_language_model(config_dir: Path, out_dir: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+                         ) -> Path:
+    """A transformers causal LM folder (``config.json`` and tokenizer files) with seeded random weights."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shutil.copytree(config_dir, staging, dirs_exist_ok=True)
+        torch.manual_seed(seed)
+        config = transformers.AutoConfig.from_pretrained(config_dir)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.save_pretrained(staging, safe_serialization=True)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

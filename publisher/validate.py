@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from publisher.card import check_template
+from publisher.language_model import inspect_language_model
 from publisher.recipe import Recipe, load_recipe
 from publisher.source import inspect_source, with_source_components
 
@@ -25,6 +26,9 @@ def validate_recipe(path: str | Path) -> Recipe:
             One line naming the file, the line and the field at fault.
     """
     recipe = load_recipe(path)
+    if recipe.task == "text-generation":
+        check_template(recipe, inspect_language_model(recipe))
+        return recipe
     info = inspect_source(recipe)
     check_template(recipe, info.family)
     return with_source_components(recipe, info.components) if info.components else recipe

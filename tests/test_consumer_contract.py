@@ -11,8 +11,8 @@ import torch
 import yaml
 from coremltools.proto import FeatureTypes_pb2
 
+from publisher import VERSION_KEY
 from publisher.components import CONTROLNET_PACKAGE_PREFIX, TABLE, package_suffix, swift_resource, whole_component
-from publisher.convert import VERSION_KEY
 from publisher.pipeline import publish
 from publisher.report import PublishReport
 from publisher.wrappers import feature_description

@@ -1,6 +1,6 @@
 """Families beyond SD 1.x on tiny random-weight models: SDXL (two text encoders, added
-conditioning, the refiner), ControlNet with Apple's control-unet, the recipe fields they need, and
-converting one component per process."""
+conditioning, the refiner), SDXL-Turbo and the refiner published with their end-to-end images, ControlNet with
+Apple's control-unet, the recipe fields they need, and converting one component per process."""
 
 from __future__ import annotations
 
@@ -11,18 +11,20 @@ import textwrap
 from pathlib import Path
 
 import coremltools as ct
+import numpy as np
 import pytest
 import torch
 
-from publisher import executor
+from publisher import executor, parity
 from publisher.convert import convert_component, convert_in_subprocess, example_inputs
 from publisher.errors import RecipeError
 from publisher.parity import psnr
+from publisher.pipeline import publish
 from publisher.plan import count_parameters
 from publisher.recipe import Recipe, load_recipe
 from publisher.source import LoadedSource, load_source
 from publisher.synthetic import build_pipeline
-from publisher.wrappers import component_io, reference_module, residual_names
+from publisher.wrappers import component_io, image_size, reference_module, residual_names
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -32,11 +34,12 @@ FLOAT32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
-def write_recipe(folder: Path, source: str, conversion: str, name: str = "recipe.yaml") -> Path:
-    """A recipe over ``source`` (the YAML of the source mapping's body) with ``conversion``'s body."""
+def write_recipe(folder: Path, source: str, conversion: str, name: str = "recipe.yaml", rest: str = "") -> Path:
+    """A recipe over ``source`` (the YAML of the source mapping's body) with ``conversion``'s body, then ``rest``
+    (top-level YAML)."""
     path = folder / name
     text = f"name: family-test\nsource:\n{textwrap.indent(source.strip(), '  ')}\ntarget:\n  repo: me/family-test\n"
-    path.write_text(text + f"conversion:\n{textwrap.indent(conversion.strip(), '  ')}\n")
+    path.write_text(text + f"conversion:\n{textwrap.indent(conversion.strip(), '  ')}\n{rest}")
     return path
 
 
@@ -176,6 +179,68 @@ def test_refiner_unet_takes_five_time_ids_and_the_bigG_pooled_output(tmp_path):
         noise = reference_module(source, "unet")(*example_inputs(io, source.tokenizer.vocab_size))
     assert noise.shape == (2, 4, 32, 32)
     assert [file.name for file in source.tokenizer_files()] == ["vocab.json", "merges.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# End-to-end images: SDXL-Turbo and the refiner
+
+
+TURBO, REFINER = "tiny-sdxl-turbo", "tiny-sdxl-refiner"
+# Components and image steps: Turbo samples in 1-4 steps; the refiner denoises the last 0.3 of 7 steps (2 of them).
+IMAGE_FAMILIES = {
+    TURBO: ("[text_encoder, text_encoder_2, unet, vae_decoder]", 2, 0.0),
+    REFINER: ("[text_encoder_2, unet, vae_decoder, vae_encoder]", 7, 7.5),
+}
+
+
+@pytest.fixture(scope="module")
+def image_recipes(tmp_path_factory) -> dict[str, Path]:
+    """Each family's tiny pipeline and a recipe drawing its images (float16, the SDXL VAE in float32)."""
+    recipes = {}
+    for config, (components, steps, guidance) in IMAGE_FAMILIES.items():
+        folder = tmp_path_factory.mktemp(config)
+        source = build_pipeline(CONFIGS / config, folder / config)
+        recipes[config] = write_recipe(folder, f"path: {source}", f"components: {components}\nvae_precision: float32",
+                                       rest=f"parity:\n  image_steps: {steps}\n  guidance_scale: {guidance}\n")
+    return recipes
+
+
+@pytest.mark.parametrize("config", list(IMAGE_FAMILIES))
+def test_the_image_checks_reference_draws_what_diffusers_pipeline_draws(image_recipes, config):
+    """The torch side of the image check is diffusers' own pipeline, seed for seed: Turbo unguided on its Euler
+    ancestral trailing schedule, the refiner from the structured base image encoded, noised to 0.3 and refined."""
+    recipe = load_recipe(image_recipes[config])
+    source = load_source(recipe)
+    prompt = recipe.card.prompts[0]
+    ours = parity.denoise(recipe, source, prompt, parity.reference_runner(recipe, source))
+
+    size = image_size(recipe, source)
+    options = {"num_inference_steps": recipe.parity.image_steps, "output_type": "np",
+               "generator": torch.Generator().manual_seed(recipe.parity.seed)}
+    if config == REFINER:
+        base = (parity.structured_image(size, size)[None] + 1) / 2  # diffusers takes images in [0, 1]
+        options |= {"image": torch.from_numpy(base), "strength": parity.REFINER_STRENGTH,
+                    "guidance_scale": recipe.parity.guidance_scale}
+    else:
+        options |= {"height": size, "width": size, "guidance_scale": recipe.parity.guidance_scale}
+    with torch.no_grad():
+        theirs = (source.pipe(prompt, **options).images[0] * 255).round()
+    assert np.abs(ours.astype(np.float64) - theirs).max() <= 1
+
+
+@pytest.mark.parametrize("config", list(IMAGE_FAMILIES))
+def test_sdxl_turbo_and_the_refiner_publish_their_images(image_recipes, config, tmp_path):
+    """Each family's packages draw the images (the refiner's through its VAE encoder package) against torch's:
+    a row of the image-parity table and a grid image per prompt."""
+    out = tmp_path / "out"
+    report = publish(image_recipes[config], out, quiet=True)
+
+    components = set(IMAGE_FAMILIES[config][0].strip("[]").split(", "))
+    assert {result.component for result in report.parity} == components and report.missing_components == []
+    assert all(result.passed for result in report.parity)
+    assert [image.prompt for image in report.image_parity] == list(load_recipe(image_recipes[config]).card.prompts)
+    assert all(image.psnr_db > 30 for image in report.image_parity)
+    assert (out / "images" / "image_grid.png").is_file() and "| Image PSNR (dB) |" in (out / "README.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,13 +24,13 @@ def gather(a: OpArgs) -> Result:
     idx = _wrap(idx, x.shape[axis])
     if batch_dims == 0:
         out = x.index_select(axis, idx.reshape(-1))
-        return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :])
+        return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))
     batch = x.shape[:batch_dims]
     xs = x.reshape(math.prod(batch), *x.shape[batch_dims:])
     ids = idx.reshape(math.prod(batch), *idx.shape[batch_dims:])
     inner = axis - batch_dims
     rows = [
-        xb.index_select(inner, ib.reshape(-1)).reshape(*xb.shape[:inner], *ib.shape, *xb.shape[inner + 1 :])
+        xb.index_select(inner, ib.reshape(-1)).reshape((*xb.shape[:inner], *ib.shape, *xb.shape[inner + 1 :]))
         for xb, ib in zip(xs, ids, strict=True)
     ]
     out = torch.stack(rows)

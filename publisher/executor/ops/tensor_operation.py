@@ -20,7 +20,9 @@ def identity(a: OpArgs) -> Result:
 
 @register("concat", native_half=True)
 def concat(a: OpArgs) -> Result:
-    values = a.many("values")
+    # MIL concatenates scalars as one-element vectors: the torch frontend builds a shape from scalar sizes
+    # so (a stateful LLM's cache slice end, for one).
+    values = [value.reshape(1) if value.dim() == 0 else value for value in a.many("values")]
     axis = _axis(a.int("axis"), values[0].dim())
     if a.bool("interleave"):
         stacked = torch.stack(values, dim=axis + 1)

@@ -1,0 +1,355 @@
+"""Language models: a transformers causal LM -> one stateful Core ML ML Program.
+
+The package follows what its consumers read:
+
+- swift-transformers, ``Sources/Models/LanguageModel.swift``: ``LanguageModel.Keys`` names the input
+  ``inputIds`` (Int32, (1, n)), the mask ``causalMask``, the states ``keyCache`` and ``valueCache`` and the
+  output ``logits`` (rank 3, the next-token scores read at the last position);
+  ``kvCacheAvailability(for:)`` takes a model with both states as ``LanguageModelWithStatefulKVCache``, whose
+  ``init`` demands a *ranged* ``inputIds`` length (``contextRange(from:)`` reads the range of its last axis: the
+  prompt is fed whole, then one token per step); ``modelName`` reads the user metadata key
+  ``co.huggingface.exporters.name``, the Hub repo whose ``config.json`` and tokenizer files it downloads
+  (``LanguageModelConfigurationFromHub``), so it names the published repository, which ships them.
+- Apple's stateful Llama and Mistral exports ("On Device Llama 3.1 with Core ML",
+  machinelearning.apple.com/research/core-ml-on-device-llama; ``apple/mistral-coreml``'s
+  ``StatefulMistral7BInstructInt4.mlpackage``): one key and one value state of shape
+  (layers, batch, kv heads, context, head dim), written in place with slice updates, and a ``causalMask`` of
+  shape (1, 1, query, end) whose last axis says how many cache positions the call sees: the past length is
+  ``end - query``. iOS18 / macOS15 is the first target with states.
+
+The module is the component's wrapper (the traced :class:`StatefulCausalLM`), its I/O contract, its source
+(a transformers model folder or a pinned Hub revision: :class:`LanguageModelSource`) and its conversion.
+Parity (prefill and decode through the executor) is :mod:`publisher.language_model_parity`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from publisher import VERSION_KEY, __version__
+from publisher.errors import PublisherError, RecipeError
+from publisher.layout import LANGUAGE_MODEL_FILES
+from publisher.recipe import Recipe
+
+INPUT_IDS = "inputIds"
+CAUSAL_MASK = "causalMask"
+KEY_CACHE = "keyCache"
+VALUE_CACHE = "valueCache"
+LOGITS = "logits"
+EXPORTER_KEY = "co.huggingface.exporters"
+
+
+@dataclass(frozen=True)
+class LanguageModelFamily:
+    """What the project knows about one causal-LM family (``config.json``'s ``model_type``)."""
+
+    model_type: str
+    display: str
+    tiny_config: str
+    """The tiny random-weight config folder under ``configs/`` the tests build this family from."""
+
+
+FAMILIES: dict[str, LanguageModelFamily] = {
+    entry.model_type: entry
+    for entry in (
+        LanguageModelFamily("llama", "Llama", "tiny-llama"),
+        LanguageModelFamily("mistral", "Mistral", "tiny-mistral"),
+        LanguageModelFamily("qwen2", "Qwen2", "tiny-qwen2"),
+        LanguageModelFamily("falcon", "Falcon", "tiny-falcon"),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Source
+
+
+@dataclass
+class LanguageModelSource:
+    """A causal LM's config and tokenizer; :meth:`model` loads its weights (fp32, eval) when a stage needs them."""
+
+    folder: Path
+    """The local folder, or the Hub snapshot of the pinned revision (config, tokenizer, weights)."""
+    config: Any
+    tokenizer: Any
+    family: str
+    license: str | None
+    revision: str | None
+    warnings: list[str] = field(default_factory=list)
+    model_classes: dict[str, str] = field(default_factory=dict)
+    assembly: None = None
+
+    def model(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            # use_safetensors: a pickle is refused, not unpickled (torch.load on user input runs code).
+            model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32, use_safetensors=True,
+                                                         attn_implementation="sdpa")
+        except OSError as exc:
+            raise PublisherError(f"{self.folder}: the language model's weights do not load: {exc}") from None
+        return model.eval().requires_grad_(False)
+
+    def tokenizer_files(self) -> list[Path]:
+        """The config and tokenizer files the repository publishes beside the package."""
+        # swift-transformers downloads them from the repository the package's metadata names; transformers'
+        # AutoTokenizer and GenerationConfig read the same names.
+        return [self.folder / name for name in LANGUAGE_MODEL_FILES if (self.folder / name).is_file()]
+
+    @property
+    def context_limit(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
+
+
+def inspect_language_model(recipe: Recipe) -> str | None:
+    """Check a language model's source from its files alone (validate): its family, weights and context.
+
+    A Hub source is checked against the architecture config shipped for its repository, when there is one.
+
+    Returns:
+        `str | None`: the family (``config.json``'s ``model_type``), when known before loading.
+
+    Raises:
+        `RecipeError`: one line naming the recipe and the field at fault.
+    """
+    source = recipe.source
+    if source.path is not None:
+        folder = source.path
+        if not any(folder.glob("*.safetensors")):
+            pickled = sorted(file.name for file in folder.iterdir() if file.suffix in (".bin", ".pt", ".pth"))
+            detail = f" (only {', '.join(pickled)}, pickles, refused since loading one runs code)" if pickled else ""
+            raise RecipeError(f"{recipe.file}: source.path: {folder} has no .safetensors weights{detail}; save the"
+                              " model with save_pretrained(safe_serialization=True)")
+    else:
+        from publisher.architectures import ARCHITECTURES, architecture
+
+        if source.repo not in ARCHITECTURES:
+            return None
+        folder = architecture(str(source.repo))
+    config = json.loads((folder / "config.json").read_text())
+    family = config.get("model_type")
+    if family not in FAMILIES:
+        raise RecipeError(f"{recipe.file}: source: {source.display} is a {family!r} model; language-model recipes"
+                          f" support {', '.join(FAMILIES)}")
+    limit = config.get("max_position_embeddings")
+    if limit is not None and recipe.conversion.context_length > limit:
+        raise RecipeError(f"{recipe.file}: conversion.context_length: {recipe.conversion.context_length} is longer"
+                          f" than the model's max_position_embeddings {limit}")
+    return family
+
+
+def load_language_model_source(recipe: Recipe) -> LanguageModelSource:
+    """Read the source's config and tokenizer (no weights): a local folder, or a Hub repo at its revision.
+
+    Raises:
+        `RecipeError`: the source is not a causal LM of a known family, or the context is longer than it allows.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = recipe.source
+    folder = source.path if source.repo is None else _hub_snapshot(source.repo, source.revision)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{recipe.file}: source: {source.display} is not a transformers model folder with a"
+                          f" tokenizer ({str(exc).splitlines()[0]})") from None
+    family = inspect_language_model(recipe.model_copy(update={"source": source.model_copy(
+        update={"repo": None, "revision": None, "path": Path(folder)})}))
+    license_id = _card_license(folder / "README.md")
+    return LanguageModelSource(folder=Path(folder), config=config, tokenizer=tokenizer, family=family,
+                               license=license_id, revision=source.revision,
+                               model_classes={"language_model": (config.architectures or ["?"])[0]})
+
+
+def _hub_snapshot(repo: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        # Weights as safetensors only: a pickled checkpoint is never fetched, let alone unpickled.
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=[
+            *LANGUAGE_MODEL_FILES, "*.safetensors", "*.safetensors.index.json", "README.md"]))
+    except (HfHubHTTPError, OSError) as exc:
+        raise PublisherError(f"{repo}@{revision}: the source does not download: {str(exc).splitlines()[0]}") from None
+
+
+def _card_license(card: Path) -> str | None:
+    from huggingface_hub import ModelCard
+
+    if not card.is_file():
+        return None
+    return ModelCard.load(card).data.license
+
+
+# ---------------------------------------------------------------------------------------------
+# The traced module
+
+
+class SliceCache:
+    """The KV cache transformers' attention writes into: the wrapper's two buffers, one slice per call.
+
+    A plain object with the two methods the attention layers call (``update``, ``get_seq_length``): transformers'
+    own caches grow by concatenation, which a fixed-size Core ML state cannot do.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, past: Any) -> None:
+        self.keys, self.values, self.past = keys, values, past
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer: int, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.past + key.shape[-2]
+        self.keys[layer, :, :, self.past:end, :] = key
+        self.values[layer, :, :, self.past:end, :] = value
+        return self.keys[layer, :, :, :end, :], self.values[layer, :, :, :end, :]
+
+    def get_seq_length(self, *args: Any) -> Any:
+        return self.past
+
+
+class _ShapeProbe:
+    """A cache that records each layer's key and value shapes (one forward of one token)."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[int, tuple[int, ...]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer: int, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.shapes[layer] = tuple(key.shape)
+        return key, value
+
+    def get_seq_length(self, *args: Any) -> int:
+        return 0
+
+
+def cache_shape(model: torch.nn.Module, context_length: int) -> tuple[int, ...]:
+    """(layers, 1, kv heads, context, head dim), measured from the model's own attention rather than read from
+    configs, whose head counts are named differently per family (Falcon's multi-query ``num_kv_heads``)."""
+    probe = _ShapeProbe()
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long), cache=probe, use_cache=True,
+              attention_mask=torch.zeros((1, 1, 1, 1)), position_ids=torch.zeros((1, 1), dtype=torch.long))
+    shapes = set(probe.shapes.values())
+    if len(shapes) != 1 or len(probe.shapes) != model.config.num_hidden_layers:
+        raise PublisherError(f"the model's layers cache keys of different shapes ({sorted(shapes)}): one state per"
+                             " layer kind is not supported")
+    batch, heads, _, head_dim = shapes.pop()
+    return (len(probe.shapes), batch, heads, context_length, head_dim)
+
+
+class StatefulCausalLM(torch.nn.Module):
+    """``logits = model(inputIds, causalMask)`` with the KV cache as the buffers ``keyCache`` / ``valueCache``.
+
+    The buffers' names are the Core ML states' (coremltools matches them by name). Positions and the past
+    length come from the two inputs' shapes, as in Apple's export: one program serves prefill and decode.
+    """
+
+    def __init__(self, model: torch.nn.Module, context_length: int) -> None:
+        super().__init__()
+        self.model = model
+        shape = cache_shape(model, context_length)
+        self.register_buffer(KEY_CACHE, torch.zeros(shape))
+        self.register_buffer(VALUE_CACHE, torch.zeros(shape))
+
+    def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        end = causal_mask.shape[-1]
+        past = end - input_ids.shape[-1]
+        cache = SliceCache(getattr(self, KEY_CACHE), getattr(self, VALUE_CACHE), past)
+        positions = torch.arange(past, end).unsqueeze(0)
+        # A 4D mask is used as given (transformers' create_causal_mask returns it unchanged).
+        return self.model(input_ids=input_ids, attention_mask=causal_mask, position_ids=positions, cache=cache,
+                          use_cache=True).logits
+
+
+def causal_mask(query: int, end: int) -> np.ndarray:
+    """Apple's additive mask for ``query`` new tokens after ``end - query`` cached ones: (1, 1, query, end)."""
+    past = end - query
+    mask = np.zeros((1, 1, query, end), dtype=np.float16)
+    rows = np.arange(query)[:, None] + past
+    mask[0, 0][np.arange(end)[None, :] > rows] = -np.inf
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+def convert_language_model(recipe: Recipe, source: LanguageModelSource, package: Path) -> tuple[int, float]:
+    """Trace the stateful wrapper and convert it to an iOS18 ML Program at ``package``.
+
+    Returns:
+        `tuple[int, float]`: the model's parameter count and the conversion's seconds.
+    """
+    import coremltools as ct
+
+    from publisher.coremltools_fixes import install_coremltools_fixes
+
+    install_coremltools_fixes()
+    started = time.perf_counter()
+    model = source.model()
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    context = recipe.conversion.context_length
+    wrapper = StatefulCausalLM(model, context).eval()
+    example = (torch.zeros((1, 2), dtype=torch.int32), torch.from_numpy(causal_mask(2, 2)).float())
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+    query = ct.RangeDim(lower_bound=1, upper_bound=recipe.conversion.max_input_length or context, default=1)
+    end = ct.RangeDim(lower_bound=1, upper_bound=context, default=1)
+    state_type = ct.TensorType(shape=tuple(getattr(wrapper, KEY_CACHE).shape), dtype=np.float16)
+    half = recipe.conversion.precision == "float16"
+    converted = ct.convert(
+        traced,
+        convert_to="mlprogram",
+        inputs=[ct.TensorType(name=INPUT_IDS, shape=(1, query), dtype=np.int32),
+                ct.TensorType(name=CAUSAL_MASK, shape=(1, 1, query, end), dtype=np.float16)],
+        outputs=[ct.TensorType(name=LOGITS, dtype=np.float32)],
+        states=[ct.StateType(wrapped_type=state_type, name=KEY_CACHE),
+                ct.StateType(wrapped_type=state_type, name=VALUE_CACHE)],
+        minimum_deployment_target=getattr(ct.target, recipe.conversion.minimum_deployment_target.value),
+        compute_precision=ct.precision.FLOAT16 if half else ct.precision.FLOAT32,
+        skip_model_load=True,  # loading compiles with Core ML, which exists only on macOS
+    )
+    del traced, wrapper, model
+    describe_language_model(converted, recipe, source)
+    converted.save(str(package))
+    return parameters, time.perf_counter() - started
+
+
+def describe_language_model(model: Any, recipe: Recipe, source: LanguageModelSource) -> None:
+    """Metadata swift-transformers reads (the repo to fetch config and tokenizer from) and the card's facts."""
+    model.author = f"Converted by coreml-publisher from {recipe.source.repo or recipe.name}"
+    model.license = recipe.card.license or source.license or "see the source model's card"
+    model.version = recipe.model_version
+    model.short_description = f"{FAMILIES[source.family].display} causal language model with a stateful KV cache"
+    model.input_description[INPUT_IDS] = "Token ids of the new tokens: the whole prompt, then one token per step"
+    model.input_description[CAUSAL_MASK] = ("Additive attention mask (1, 1, new tokens, cached + new tokens):"
+                                            " its last axis sets how many cache positions the call sees")
+    model.output_description[LOGITS] = "Next-token scores at each new position (1, new tokens, vocabulary)"
+    metadata = model.user_defined_metadata
+    metadata[f"{EXPORTER_KEY}.name"] = recipe.target.repo
+    metadata[f"{EXPORTER_KEY}.task"] = "text-generation"
+    metadata[f"{EXPORTER_KEY}.architecture"] = source.model_classes["language_model"]
+    metadata[f"{EXPORTER_KEY}.framework"] = "pytorch"
+    metadata[f"{EXPORTER_KEY}.precision"] = recipe.conversion.precision
+    metadata[f"{EXPORTER_KEY}.context_length"] = str(recipe.conversion.context_length)
+    window = getattr(source.config, "sliding_window", None)
+    if window and getattr(source.config, "use_sliding_window", True):
+        metadata[f"{EXPORTER_KEY}.sliding_window"] = str(window)
+    metadata[VERSION_KEY] = __version__
+
+
+def package_name(recipe: Recipe) -> str:
+    """The package's file name: the model's own name, as Apple names ``StatefulMistral7BInstructInt4``."""
+    return f"{recipe.model_version.rsplit('/', 1)[-1]}.mlpackage"
+
+
+def read_generation_config(source: LanguageModelSource) -> dict[str, Any]:
+    path = source.folder / "generation_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
