@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +41,23 @@ def controlnet(configs: Path) -> Path:
         code = ("import sys, torch; from diffusers import ControlNetModel; torch.manual_seed(0); "
                 "ControlNetModel.from_config(ControlNetModel.load_config(sys.argv[1])).save_pretrained(sys.argv[2])")
         subprocess.run([sys.executable, "-c", code, str(configs), str(out)], check=True)
+    return out
+
+
+def language_model(configs: Path) -> Path:
+    """The random-weight causal LM built from ``configs/config.json``, with the tiny family tokenizer beside it.
+
+    The real tokenizer is not shipped (no network); the tiny one's ids are a subset of every full-size vocabulary,
+    so the prompts tokenize into valid ids and the run's cost does not depend on which ids they are.
+    """
+    out = CACHE / configs.name
+    if _stale(out, configs, "model.safetensors.index.json") and _stale(out, configs, "model.safetensors"):
+        subprocess.run([sys.executable, "-m", "publisher", "synthesize", "-q", str(configs), str(out)], check=True)
+        family = json.loads((configs / "config.json").read_text())["model_type"]
+        tiny = ROOT / "configs" / f"tiny-{family}"
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tiny / name).is_file():
+                shutil.copyfile(tiny / name, out / name)
     return out
 
 

@@ -302,12 +302,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--conformance-log", default="", help="append one JSON line per finished test to this file")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Read when coremltools' testing_reqs is first imported (at collection): ML Programs only,
-    # and the fp32 precision too.
+def set_op_test_environment() -> None:
+    """What coremltools' testing_reqs reads once, when first imported: ML Programs only, and the fp32
+    precision too. Call it before anything imports the op tests (a module imported earlier in the
+    same process would keep coremltools' defaults for every later session)."""
     os.environ.setdefault("PYMIL_TEST_TARGETS", "mlprogram")
     os.environ.setdefault("INCLUDE_MIL_FP32_UNIT_TESTS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    set_op_test_environment()
     plugin = ConformancePlugin(config)
     plugin.install()
     config.pluginmanager.register(plugin, "conformance-executor")

@@ -202,6 +202,9 @@ def build_context(
                 f"{DEVICE_RESULTS_NAME}: results.{index}.variant: {run.variant!r} is not a variant of this repository"
                 f" ({', '.join(attention)})"
             )
+        if run.task != report.task:  # the table shows one task's speeds
+            raise RecipeError(f"{DEVICE_RESULTS_NAME}: results.{index}: has a {run.task} model's speeds, but this"
+                              f" repository holds a {report.task} model")
         device_rows.append(DeviceRow(run=run, attention=attention[run.variant]))
     redacted = _redact(recipe_text) if recipe_text else None
     return CardContext(
@@ -399,8 +402,9 @@ def _limitations(report: PublishReport, device_rows: list[DeviceRow]) -> tuple[s
             "source model, not image quality."
         )
     if not device_rows:
+        speeds = "Prefill and decode speed" if report.task == "text-generation" else "Latency and iterations per second"
         notes.append(
-            "Latency and iterations per second on Apple devices have not been measured yet: there is no "
+            f"{speeds} on Apple devices have not been measured yet: there is no "
             f"`{DEVICE_RESULTS_NAME}` in this repository."
         )
     if not report.license:

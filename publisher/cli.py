@@ -136,7 +136,8 @@ def _bench_device(args: argparse.Namespace) -> int:
     from publisher.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    settings = BenchSettings(steps=args.steps, runs=args.runs, compute_units=tuple(args.compute_units or ()))
+    settings = BenchSettings(steps=args.steps, runs=args.runs, prompt_tokens=args.prompt_tokens,
+                             compute_units=tuple(args.compute_units or ()))
     push = _push_options(args) if (args.push or args.dry_run) else None
     out = Path(args.out) if args.out else None
     run_bench_device(args.target, recipe, coreml_tools(recipe), settings, out=out, push=push, quiet=args.quiet)
@@ -240,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--recipe", required=True, metavar="RECIPE",
                        help="the recipe it was published from (parity reference, card template)")
     bench.add_argument("--out", metavar="DIR", help="where a downloaded repo goes (default: bench/<repo name>)")
-    bench.add_argument("--steps", type=_positive, default=20, help="diffusion steps per generation (default 20)")
+    bench.add_argument("--steps", type=_positive, default=20,
+                       help="diffusion steps per generation, or a language model's decode steps (default 20)")
+    bench.add_argument("--prompt-tokens", type=_positive, default=128,
+                       help="a language model's prompt length, within what its package takes (default 128)")
     bench.add_argument("--runs", type=_positive, default=5, help="timed generations; the median is kept (default 5)")
     bench.add_argument("--compute-unit", dest="compute_units", action="append", choices=get_args(ComputeUnit),
                        metavar="UNIT", help="time on UNIT (repeatable; default: the one each variant was made for)")

@@ -6,6 +6,10 @@ latency and UNet iterations/s per variant and compute unit. It compiles each var
 and zips them the way Apple's apps download them (``<repo name>_<variant>_compiled.zip``), records
 ``device_results.json``, re-renders the card and pushes one more commit.
 
+A language model's repository (``task: text-generation``) gets the same, measured as its consumers run it:
+token parity (prefill then decode with the state carried, :mod:`publisher.language_model_parity`) on the
+Core ML runtime, and the speed of a prompt's prefill and of decoding one token per call, in tokens/s.
+
 Only compiling, loading a compiled model and measuring parity need macOS; they arrive as
 :class:`DeviceTools`, so everything else here runs, and is tested, on Linux.
 """
@@ -40,11 +44,14 @@ from publisher.device_results import DeviceResults, DeviceRun, read_device_resul
 from publisher.errors import HubError, ParityError, PublisherError, RecipeError
 from publisher.hub import PushResult
 from publisher.hub_errors import HubCall, hub_errors
-from publisher.layout import DEVICE_RESULTS_NAME, TOKENIZER_FILES
+from publisher.language_model import CAUSAL_MASK, INPUT_IDS, causal_mask, load_language_model_source
+from publisher.language_model_parity import COMPONENT as LANGUAGE_MODEL
+from publisher.language_model_parity import judge, measure_language_model, reference_tokens
+from publisher.layout import DEVICE_RESULTS_NAME, LANGUAGE_MODEL_FILES, TOKENIZER_FILES
 from publisher.parity import COREML_RUNTIME, coreml_runtime_available, measure_component
 from publisher.push import PushOptions, push_folder_and_report
 from publisher.recipe import Recipe
-from publisher.report import ParityResult, PublishReport
+from publisher.report import ParityResult, PublishReport, TokenParity
 from publisher.source import load_source
 
 TEXT_ENCODERS = component_names("text_encoder")
@@ -58,7 +65,7 @@ _COPY_CHUNK = 1 << 20
 
 Inputs = dict[str, np.ndarray]
 Predict = Callable[[Inputs], Mapping[str, np.ndarray]]
-
+Session = Callable[[], Predict]
 
 
 @dataclass(frozen=True)
@@ -71,12 +78,19 @@ class DeviceTools:
         measure: ``(component, packages) -> worst PSNR in dB`` of the Core ML runtime against the PyTorch
             reference, as :func:`publisher.parity.measure_component` measures it; ``packages`` holds one
             package, or a chunked UNet's two chunks in run order.
+        open_session: ``(compiled stateful model, compute unit) -> a session factory``: each call starts a
+            session with a fresh (zeroed) state and returns its predict function, which carries that state
+            from call to call (coremltools' ``make_state`` and ``predict(state=...)``).
+        measure_tokens: ``(language model package, variant) -> token parity rows`` of the Core ML runtime
+            against transformers, as :func:`publisher.language_model_parity.measure_language_model` measures them.
         device, os, tool_versions: what the device results record about the machine.
     """
 
     compile: Callable[[Path, Path], Path]
     load: Callable[[Path, str], Predict]
     measure: Callable[[str, tuple[Path, ...]], float]
+    open_session: Callable[[Path, str], Session]
+    measure_tokens: Callable[[Path, str], list[TokenParity]]
     device: str
     os: str
     tool_versions: dict[str, str]
@@ -87,7 +101,10 @@ class BenchSettings:
     """Apple's benchmark protocol by default: 20 steps, median of 5 runs."""
 
     steps: int = 20
+    """Diffusion steps per generation; a language model's decode steps after its prompt."""
     runs: int = 5
+    # A language model's prompt, shortened to what its package accepts with room left for the decode steps.
+    prompt_tokens: int = 128
     # Empty: each variant on the compute units it was made for (the report's `compute_units`).
     compute_units: tuple[str, ...] = ()
 
@@ -97,6 +114,7 @@ class BenchResult:
     zips: list[Path] = field(default_factory=list)
     runs: list[DeviceRun] = field(default_factory=list)
     parity: list[ParityResult] = field(default_factory=list)
+    tokens: list[TokenParity] = field(default_factory=list)
 
     @property
     def failed(self) -> list[ParityResult]:
@@ -120,24 +138,43 @@ def bench_device(folder: Path, repo_id: str, recipe: Recipe, tools: DeviceTools,
             " report's): check out the commit that published it"
         )
     result = BenchResult()
+    language_model = report.task == "text-generation"
     measured: dict[str, float] = {}  # package content hash -> PSNR: variants share unchanged packages
+    measured_tokens: dict[str, list[TokenParity]] = {}  # the same for a language model's token parity
+    # A language model's zip carries its config and tokenizer, which swift-transformers and transformers read.
+    files = tuple(name for name in LANGUAGE_MODEL_FILES if (folder / name).is_file()) if language_model \
+        else TOKENIZER_FILES
     with tempfile.TemporaryDirectory(prefix=f".{folder.name}.bench-", dir=folder.parent) as work:
         for variant in report.variants:
             packages = {c.component: folder / variant.folder / c.package for c in variant.components}
-            for component, chain in chains(packages).items():
-                key = " + ".join(hash_path(package) for package in chain)
-                if key not in measured:
-                    measured[key] = tools.measure(component, chain)
-                threshold = recipe.parity.threshold(component)
-                result.parity.append(ParityResult(
-                    component=component, variant=variant.folder, backend=COREML_RUNTIME,
-                    psnr_db=round(measured[key], 2), threshold_db=threshold, passed=measured[key] >= threshold,
-                ))
+            if language_model:
+                package = packages[LANGUAGE_MODEL]
+                key = hash_path(package)
+                if key not in measured_tokens:
+                    measured_tokens[key] = tools.measure_tokens(package, variant.folder)
+                tokens, summary = judge(
+                    recipe, [row.model_copy(update={"variant": variant.folder}) for row in measured_tokens[key]])
+                result.tokens += tokens
+                result.parity += summary
+            else:
+                for component, chain in chains(packages).items():
+                    key = " + ".join(hash_path(package) for package in chain)
+                    if key not in measured:
+                        measured[key] = tools.measure(component, chain)
+                    threshold = recipe.parity.threshold(component)
+                    result.parity.append(ParityResult(
+                        component=component, variant=variant.folder, backend=COREML_RUNTIME,
+                        psnr_db=round(measured[key], 2), threshold_db=threshold, passed=measured[key] >= threshold,
+                    ))
             stem = f"{repo_id.split('/')[-1]}_{variant.folder}_compiled"
-            compiled = compile_variant(folder, packages, Path(work) / stem, tools.compile)
+            compiled = compile_variant(folder, packages, Path(work) / stem, tools.compile, files)
             if compiled is None:
                 continue
             result.zips.append(zip_compiled(compiled).replace(folder / f"{stem}.zip"))
+            if language_model:
+                result.runs += time_language_model_variant(packages[LANGUAGE_MODEL], compiled, variant.folder,
+                                                           variant.compute_units, tools, settings, clock)
+                continue
             if not (set(TEXT_TO_IMAGE) <= set(packages) and set(TEXT_ENCODERS) & set(packages)):
                 continue  # not a text-to-image pipeline: nothing to time end to end
             inputs = {component: example_inputs(packages[component]) for component in GENERATION
@@ -158,7 +195,8 @@ def bench_device(folder: Path, repo_id: str, recipe: Recipe, tools: DeviceTools,
     record_runs(folder, result.runs)
     variants = {r.variant for r in result.parity}
     kept = [r for r in report.parity if not (r.backend == COREML_RUNTIME and r.variant in variants)]
-    report = report.model_copy(update={"parity": kept + result.parity})
+    kept_tokens = [r for r in report.token_parity if not (r.backend == COREML_RUNTIME and r.variant in variants)]
+    report = report.model_copy(update={"parity": kept + result.parity, "token_parity": kept_tokens + result.tokens})
     report.write(folder)
     write_card(folder, report, template=recipe.card.template, extra_tags=recipe.card.tags)
     return result
@@ -170,14 +208,15 @@ def _significant(value: float) -> float:
 
 
 def compile_variant(folder: Path, packages: dict[str, Path], destination: Path,
-                    compile_model: Callable[[Path, Path], Path]) -> Path | None:
+                    compile_model: Callable[[Path, Path], Path], files: tuple[str, ...] = TOKENIZER_FILES
+                    ) -> Path | None:
     """Compile ``packages`` into ``destination`` as the resources Apple's Swift pipeline loads
-    (``Unet.mlmodelc``, ``controlnet/<Name>.mlmodelc``, ...), beside the tokenizer files it reads. ``None`` for a
+    (``Unet.mlmodelc``, ``controlnet/<Name>.mlmodelc``, ...), beside the tokenizer ``files`` it reads. ``None`` for a
     variant without packages."""
     resources = {component: swift_resource(component, package.name) for component, package in packages.items()}
     if not resources:
         return None
-    missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
+    missing = [name for name in files if not (folder / name).is_file()]
     if missing:
         raise PublisherError(f"{folder} has no {' or '.join(missing)}: the compiled models would be unusable")
     destination.mkdir(parents=True)
@@ -188,7 +227,7 @@ def compile_variant(folder: Path, packages: dict[str, Path], destination: Path,
         target = destination / f"{resource}.mlmodelc"
         target.parent.mkdir(exist_ok=True)  # controlnet/
         compiled.rename(target)
-    for name in TOKENIZER_FILES:
+    for name in files:
         shutil.copyfile(folder / name, destination / name)
     return destination
 
@@ -223,16 +262,120 @@ def example_inputs(package: Path, seed: int = 0) -> Inputs:
     """
     kinds = FeatureTypes_pb2.ArrayFeatureType
     dtypes = {kinds.FLOAT16: np.float16, kinds.FLOAT32: np.float32, kinds.DOUBLE: np.float64, kinds.INT32: np.int32}
-    spec = Model_pb2.Model()
-    spec.ParseFromString((package / "Data" / "com.apple.CoreML" / "model.mlmodel").read_bytes())
     rng = np.random.default_rng(seed)
     inputs = {}
-    for feature in spec.description.input:
+    for feature in _spec(package).description.input:
         array = feature.type.multiArrayType
         shape = tuple(array.shape)
         values = np.zeros(shape) if feature.name == "input_ids" else rng.standard_normal(shape)
         inputs[feature.name] = values.astype(dtypes[array.dataType])
     return inputs
+
+
+def _spec(package: Path) -> Model_pb2.Model:
+    spec = Model_pb2.Model()
+    spec.ParseFromString((package / "Data" / "com.apple.CoreML" / "model.mlmodel").read_bytes())
+    return spec
+
+
+def prompt_length(package: Path, wanted: int, steps: int) -> int:
+    """The prompt a language model's bench prefills: ``wanted`` tokens, or fewer where ``package`` takes fewer in
+    one call or its cache could not hold ``steps`` decode steps after them.
+
+    Args:
+        package: the stateful package (``inputIds`` ranged, the KV cache as states of axis 3 the context).
+        wanted: the prompt length asked for.
+        steps: the decode steps that follow the prompt.
+
+    Returns:
+        `int`: the prompt length, at least 1.
+
+    Raises:
+        `PublisherError`: the context cannot hold one prompt token and ``steps`` decode steps.
+    """
+    description = _spec(package).description
+    (ids,) = [feature for feature in description.input if feature.name == INPUT_IDS]
+    context = min(state.type.stateType.arrayType.shape[3] for state in description.state)
+    longest = ids.type.multiArrayType.shapeRange.sizeRanges[-1].upperBound
+    prompt = min(wanted, context - steps, longest if longest > 0 else context)  # -1: unbounded
+    if prompt < 1:
+        raise PublisherError(f"{package.name}: its context of {context} tokens cannot hold a prompt and {steps} decode"
+                             " steps: bench it with fewer steps")
+    return prompt
+
+
+def time_language_model(session: Session, prompt: int, steps: int, runs: int,
+                        clock: Callable[[], float]) -> tuple[float, float]:
+    """Median prefill and decode speeds of a language model, in tokens per second.
+
+    A run is one turn of a chat as swift-transformers runs it: a fresh state, the prompt in one call (prefill),
+    then ``steps`` calls of one token each, each call's mask seeing every token cached so far (decode). The ids
+    are zeros: the time a dense network takes does not depend on them. One untimed run comes first: Core ML
+    specializes a model on its first prediction.
+
+    Args:
+        session: starts a session with a fresh state (``DeviceTools.open_session``'s factory).
+        prompt: the prompt's tokens.
+        steps: the decode steps after it.
+        runs: the timed runs the medians are taken over.
+        clock: seconds, monotonic.
+
+    Returns:
+        `tuple[float, float]`: prompt tokens per second of the prefill, generated tokens per second of the decode.
+    """
+    prefill = {INPUT_IDS: np.zeros((1, prompt), np.int32), CAUSAL_MASK: causal_mask(prompt, prompt)}
+    decode = [{INPUT_IDS: np.zeros((1, 1), np.int32), CAUSAL_MASK: causal_mask(1, end)}
+              for end in range(prompt + 1, prompt + steps + 1)]
+
+    def generate() -> tuple[float, float]:
+        predict = session()
+        start = clock()
+        predict(prefill)
+        decode_start = clock()
+        for inputs in decode:
+            predict(inputs)
+        return decode_start - start, clock() - decode_start
+
+    generate()
+    timings = [generate() for _ in range(runs)]
+    return prompt / statistics.median(t[0] for t in timings), steps / statistics.median(t[1] for t in timings)
+
+
+def time_language_model_variant(package: Path, compiled: Path, variant: str, compute_units: str, tools: DeviceTools,
+                                settings: BenchSettings, clock: Callable[[], float]) -> list[DeviceRun]:
+    """Time a language model's compiled ``package`` on each compute unit of ``settings`` (default ``compute_units``,
+    the variant's own) with :func:`time_language_model`.
+
+    Args:
+        package: the published package (its spec bounds the prompt: :func:`prompt_length`).
+        compiled: the variant's compiled folder, holding the package's ``.mlmodelc``.
+        variant: the variant's folder name.
+        compute_units: the variant's own compute units, timed when ``settings`` names none.
+        tools: opens the sessions, and names the machine.
+        settings: the prompt, decode steps, runs and compute units.
+        clock: seconds, monotonic.
+
+    Returns:
+        `list[DeviceRun]`: one row per compute unit, with ``steps`` the decode steps.
+
+    Raises:
+        `PublisherError`: the package's context cannot hold the decode steps (:func:`prompt_length`).
+    """
+    prompt = prompt_length(package, settings.prompt_tokens, settings.steps)
+    model = compiled / f"{swift_resource(LANGUAGE_MODEL, package.name)}.mlmodelc"
+    runs = []
+    for unit in settings.compute_units or (compute_units,):
+        prefill, decode = time_language_model(tools.open_session(model, unit), prompt, settings.steps, settings.runs,
+                                              clock)
+        runs.append(DeviceRun(
+            device=tools.device, os=tools.os, variant=variant, compute_unit=unit, prompt_tokens=prompt,
+            prefill_tokens_per_second=_significant(prefill), decode_tokens_per_second=_significant(decode),
+            steps=settings.steps, runs=settings.runs, date=datetime.date.today(), tool_versions=tools.tool_versions,
+            notes=f"median after one warm-up run; a prompt of {prompt} tokens in one call, then {settings.steps}"
+                  " calls of one token with the KV-cache state carried; compiled model driven from Python"
+                  " (coreml-publisher bench-device)",
+        ))
+    return runs
 
 
 def time_generation(models: Mapping[str, Predict], inputs: Mapping[str, Inputs], steps: int, runs: int,
@@ -268,7 +411,9 @@ def record_runs(folder: Path, runs: list[DeviceRun]) -> Path:
     measured = {(run.device, run.variant, run.compute_unit) for run in runs}
     kept = [run for run in read_device_results(folder) if (run.device, run.variant, run.compute_unit) not in measured]
     path = folder / DEVICE_RESULTS_NAME
-    path.write_text(DeviceResults(results=[*kept, *runs]).model_dump_json(indent=2) + "\n", encoding="utf-8")
+    # Without the other task's empty fields: the file holds what was measured.
+    results = DeviceResults(results=[*kept, *runs])
+    path.write_text(results.model_dump_json(indent=2, exclude_none=True) + "\n", encoding="utf-8")
     return path
 
 
@@ -276,13 +421,20 @@ def describe(result: BenchResult) -> str:
     """The lines a CI log shows: each configuration's timing, each Core ML runtime PSNR, each zip."""
     lines = [
         f"{run.variant}/{run.compute_unit}: {run.latency_s:.2f} s end to end, {run.iterations_per_second:.2f} it/s"
-        f" ({run.steps} steps, median of {run.runs})"
+        f" ({run.steps} steps, median of {run.runs})" if run.task == "text-to-image" else
+        f"{run.variant}/{run.compute_unit}: prefill {run.prefill_tokens_per_second:.1f} tokens/s ({run.prompt_tokens}"
+        f" tokens), decode {run.decode_tokens_per_second:.1f} tokens/s ({run.steps} steps, median of {run.runs})"
         for run in result.runs
     ]
     lines += [
         f"{r.variant}/{r.component}: Core ML runtime {r.psnr_db:.1f} dB"
         f" ({'ok' if r.passed else 'FAILED'}, threshold {r.threshold_db:g} dB)"
         for r in result.parity
+    ]
+    lines += [
+        f"{r.variant}/{r.prompt!r}: Core ML runtime top-1 agreement {r.token_agreement:.0%}"
+        f" ({'ok' if r.passed else 'FAILED'}, threshold {r.min_token_agreement:.0%})"
+        for r in result.tokens
     ]
     lines += [f"wrote {path.name} ({format_bytes(path.stat().st_size)})" for path in result.zips]
     return "\n".join(lines)
@@ -346,6 +498,15 @@ def run_bench_device(target: str, recipe: Recipe, tools: DeviceTools, settings: 
     print(describe(result))
     if push is not None:
         push_results(folder, repo_id, fetched, push, endpoint=endpoint, quiet=quiet)
+    failed_tokens = [row for row in result.tokens if not row.passed]
+    if failed_tokens:  # a language model fails on its PSNR or on its top-1 agreement
+        token = min(failed_tokens, key=lambda row: (row.token_agreement, row.decode_psnr_db))
+        raise ParityError(
+            f"parity failed on the Core ML runtime: {LANGUAGE_MODEL} ({token.variant}), prompt {token.prompt!r}:"
+            f" prefill {token.prefill_psnr_db:.1f} dB, decode {token.decode_psnr_db:.1f} dB (threshold"
+            f" {token.threshold_db:g}), top-1 agreement {token.token_agreement:.0%} (threshold"
+            f" {token.min_token_agreement:.0%}) ({len(failed_tokens)} failing row(s) recorded on the card)"
+        )
     if result.failed:
         worst = min(result.failed, key=lambda r: r.psnr_db - r.threshold_db)
         raise ParityError(
@@ -371,6 +532,8 @@ def coreml_tools(recipe: Recipe) -> DeviceTools:
 
     # Configs once; weights per component. A source assembled at publish time is assembled again here, once.
     source = functools.cache(lambda: load_source(recipe, models=(), assembly=_assembly(recipe)))
+    # transformers' greedy decode of the card's prompts, once for every variant.
+    references = functools.cache(lambda: reference_tokens(recipe, load_language_model_source(recipe)))
 
     def compile_model(package: Path, out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
@@ -383,11 +546,24 @@ def coreml_tools(recipe: Recipe) -> DeviceTools:
     def measure(component: str, chain: tuple[Path, ...]) -> float:
         return measure_component(recipe, source(), component, chain, on=(COREML_RUNTIME,)).psnr_db[COREML_RUNTIME]
 
+    def open_session(compiled: Path, compute_unit: str) -> Session:
+        model = ct.models.CompiledMLModel(str(compiled), compute_units=ct.ComputeUnit[compute_unit])
+
+        def session() -> Predict:
+            state = model.make_state()
+            return lambda inputs: model.predict(inputs, state=state)
+
+        return session
+
+    def measure_tokens(package: Path, variant: str) -> list[TokenParity]:
+        return measure_language_model(package, references(), variant, on=(COREML_RUNTIME,))
+
     chip = run_tool(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
     model = run_tool(["sysctl", "-n", "hw.model"]).strip()
     xcode = run_tool(["xcodebuild", "-version"]).split()[1]
     return DeviceTools(
-        compile=compile_model, load=load, measure=measure, device=f"{chip} ({model})",
+        compile=compile_model, load=load, measure=measure, open_session=open_session, measure_tokens=measure_tokens,
+        device=f"{chip} ({model})",
         os=f"macOS {platform.mac_ver()[0]}",
         tool_versions={"coreml-publisher": __version__, "coremltools": ct.__version__, "Xcode": xcode},
     )

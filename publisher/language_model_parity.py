@@ -163,30 +163,36 @@ def measure_language_model(package: Path, references: list[TokenReference], vari
     return rows
 
 
-def gate(recipe: Recipe, rows: list[TokenParity]) -> tuple[list[TokenParity], list[ParityResult]]:
-    """Apply the thresholds: the rows with their verdicts, and one PSNR row per backend for the parity table.
-
-    Raises:
-        `ParityError`: a prompt on a backend is under the PSNR or the agreement threshold (exit 3).
-    """
+def judge(recipe: Recipe, rows: list[TokenParity]) -> tuple[list[TokenParity], list[ParityResult]]:
+    """The rows with the thresholds' verdicts, and one PSNR row per backend for the parity table (its worst)."""
     min_psnr, min_agreement = default_thresholds(recipe)
     judged = [row.model_copy(update={
         "threshold_db": min_psnr, "min_token_agreement": min_agreement,
         "passed": min(row.prefill_psnr_db, row.decode_psnr_db) >= min_psnr and row.token_agreement >= min_agreement,
     }) for row in rows]
-    summary = [ParityResult(component=COMPONENT, variant=row.variant, backend=backend, threshold_db=min_psnr,
-                            psnr_db=min(min(r.prefill_psnr_db, r.decode_psnr_db) for r in same),
-                            passed=all(r.passed for r in same))
-               for backend in dict.fromkeys(row.backend for row in judged)
-               for same in [[r for r in judged if r.backend == backend]]
-               for row in same[:1]]
+    summary = []
+    for backend in dict.fromkeys(row.backend for row in judged):
+        same = [row for row in judged if row.backend == backend]
+        summary.append(ParityResult(component=COMPONENT, variant=same[0].variant, backend=backend,
+                                    threshold_db=min_psnr, passed=all(row.passed for row in same),
+                                    psnr_db=min(min(row.prefill_psnr_db, row.decode_psnr_db) for row in same)))
+    return judged, summary
+
+
+def gate(recipe: Recipe, rows: list[TokenParity]) -> tuple[list[TokenParity], list[ParityResult]]:
+    """:func:`judge`, failing the run where a row fails.
+
+    Raises:
+        `ParityError`: a prompt on a backend is under the PSNR or the agreement threshold (exit 3).
+    """
+    judged, summary = judge(recipe, rows)
     failed = [row for row in judged if not row.passed]
     if failed:
         worst = min(failed, key=lambda row: (row.token_agreement, row.decode_psnr_db))
         raise ParityError(
             f"parity failed: language_model ({worst.variant}) on {worst.backend}, prompt {worst.prompt!r}: prefill"
-            f" {worst.prefill_psnr_db:.1f} dB, decode {worst.decode_psnr_db:.1f} dB (threshold {min_psnr:g}), top-1"
-            f" agreement {worst.token_agreement:.0%} (threshold {min_agreement:.0%}, first divergence at step"
-            f" {worst.first_divergence}); use a milder compression scheme or set parity.min_psnr /"
-            " parity.min_token_agreement in the recipe")
+            f" {worst.prefill_psnr_db:.1f} dB, decode {worst.decode_psnr_db:.1f} dB (threshold {worst.threshold_db:g}),"
+            f" top-1 agreement {worst.token_agreement:.0%} (threshold {worst.min_token_agreement:.0%}, first"
+            f" divergence at step {worst.first_divergence}); use a milder compression scheme or set"
+            " parity.min_psnr / parity.min_token_agreement in the recipe")
     return judged, summary

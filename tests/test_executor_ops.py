@@ -1121,6 +1121,17 @@ case(
 )
 case(
     "iOS16",
+    # A shape built from scalar sizes, as the torch frontend makes a stateful LLM's cache slice end: gather
+    # gives rank-0 values and concat takes them as one-element vectors.
+    "concat-scalars",
+    "concat",
+    {"x": ints(0, 9, 3)},
+    lambda x: mb.concat(values=(mb.gather(x=x, indices=0, axis=0), mb.gather(x=x, indices=2, axis=0)), axis=0),
+    lambda x: x[[0, 2]],
+    exact=True,
+)
+case(
+    "iOS16",
     "concat-interleave",
     "concat",
     {"x": T, "y": randn(2, 3, 4)},

@@ -18,8 +18,11 @@ from publisher.errors import RecipeError
 from publisher.validate import validate_recipe
 from tests.conftest import DEMO_RECIPE, ROOT, TINY_SOURCE
 
-BASE = yaml.safe_load(DEMO_RECIPE.read_text())
-BASE["source"]["path"] = str(DEMO_RECIPE.parent / "tiny-sd")
+DEMO = yaml.safe_load(DEMO_RECIPE.read_text())
+DEMO["source"]["path"] = str(DEMO_RECIPE.parent / "tiny-sd")
+# A language-model recipe (task: text-generation) whose Hub source validates offline from its shipped config.
+LANGUAGE_MODEL = yaml.safe_load((ROOT / "recipes" / "llama-3.2-1b-int4.yaml").read_text())
+BASES = (DEMO, LANGUAGE_MODEL)
 
 hostile_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
@@ -45,14 +48,15 @@ def _paths(node, prefix=()):
             yield from _paths(value, prefix + (index,))
 
 
-ALL_PATHS = [path for path in _paths(BASE) if path]
+ALL_PATHS = [[path for path in _paths(base) if path] for base in BASES]
 
 
 @st.composite
 def mutated_recipes(draw) -> str:
-    recipe = copy.deepcopy(BASE)
+    index = draw(st.integers(0, len(BASES) - 1))
+    recipe = copy.deepcopy(BASES[index])
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(ALL_PATHS))
+        path = draw(st.sampled_from(ALL_PATHS[index]))
         parent = recipe
         try:
             for key in path[:-1]:
@@ -127,7 +131,7 @@ def damaged_source(tmp_path_factory) -> tuple[Path, Path]:
     """A copy of the demo pipeline that each example damages one file of, then restores; and its recipe."""
     folder = tmp_path_factory.mktemp("damaged")
     source = Path(shutil.copytree(TINY_SOURCE, folder / "tiny-sd"))
-    recipe = copy.deepcopy(BASE)
+    recipe = copy.deepcopy(DEMO)
     recipe["source"]["path"] = str(source)
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return source, folder / "recipe.yaml"

@@ -31,6 +31,7 @@ from publisher.language_model import (
     load_language_model_source,
 )
 from publisher.language_model_parity import gate, measure_language_model, reference_tokens
+from publisher.package_weights import program_weights
 from publisher.pipeline import publish
 from publisher.plan import plan_recipe
 from publisher.push import PushOptions
@@ -174,10 +175,12 @@ def test_a_hub_source_publishes_and_pushes_to_the_hub(tiny_models, tmp_path, hub
     source_repo = f"{USER}/tiny-llama-source"
     api.create_repo(source_repo)
     revision = api.upload_folder(folder_path=tiny_models / "tiny-llama", repo_id=source_repo).oid
-    recipe_file = write_recipe(tmp_path, "llama", "int4", name="tiny-llama-hub",
-                               source={"repo": source_repo, "revision": revision, "path": None})
+    recipe_file = write_recipe(tmp_path, "llama", "int4", name="tiny-llama-hub")
     data = yaml.safe_load(recipe_file.read_text())
     data["source"] = {"repo": source_repo, "revision": revision}
+    # Per-layer: the tied embedding (the LM head's constant too) at 8 bits per channel, the rest int4 in blocks.
+    data["compression"]["language_model"]["overrides"] = [
+        {"pattern": "*embed_tokens*", "quantize": {"nbits": 8, "granularity": "per_channel"}}]
     recipe_file.write_text(yaml.safe_dump(data))
 
     report = publish(recipe_file, tmp_path / "out", quiet=True, push=PushOptions())
@@ -188,6 +191,11 @@ def test_a_hub_source_publishes_and_pushes_to_the_hub(tiny_models, tmp_path, hub
     assert card.data.base_model == source_repo and card.data.base_model_relation == "quantized"
     (weights,) = [item for item in report.inputs if item.filename == "model.safetensors"]
     assert weights.repo == source_repo and weights.revision == revision
+    package = tmp_path / "out" / report.variants[0].folder / report.variants[0].components[0].package
+    scales = {weight.name: weight.size for weight in program_weights(package) if weight.name.endswith("_scale_0")}
+    vocabulary, hidden = 512, 64
+    assert scales["model_model_embed_tokens_weight_to_fp16_quantized_scale_0"] == vocabulary  # one per row
+    assert scales["model_model_layers_0_mlp_up_proj_weight_to_fp16_quantized_scale_0"] == 128 * hidden // 32
 
 
 @pytest.mark.parametrize(("change", "field", "message"), [

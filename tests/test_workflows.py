@@ -437,9 +437,16 @@ class FakeCoreML:
         self.measured.append(component)
         return self.psnr_db
 
+    def open_session(self, compiled: Path, compute_unit: str):
+        raise AssertionError(f"{compiled.name}: a diffusion pipeline has no stateful model to open a session on")
+
+    def measure_tokens(self, package: Path, variant: str):
+        raise AssertionError(f"{package.name}: a diffusion pipeline has no language model to measure tokens of")
+
     def tools(self, device: str = "Apple M1 (VirtualMac2,1)") -> DeviceTools:
-        return DeviceTools(compile=self.compile, load=self.load, measure=self.measure, device=device,
-                           os="macOS 14.6", tool_versions={"coremltools": "9.0", "Xcode": "15.4"})
+        return DeviceTools(compile=self.compile, load=self.load, measure=self.measure, open_session=self.open_session,
+                           measure_tokens=self.measure_tokens, device=device, os="macOS 14.6",
+                           tool_versions={"coremltools": "9.0", "Xcode": "15.4"})
 
 
 @pytest.fixture
