@@ -22,7 +22,7 @@ from pathlib import Path
 
 from publisher.components import CONTROLNET_PACKAGE_PREFIX, component_spec, package_suffix
 from publisher.errors import RecipeError
-from publisher.language_model import package_name as language_model_package_name
+from publisher.language_model_source import package_name as language_model_package_name
 from publisher.layout import IMAGES_FOLDER, RECIPE_NAME, REPORT_NAME
 from publisher.recipe import Recipe
 from publisher.report import PublishReport

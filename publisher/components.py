@@ -3,7 +3,8 @@
 Every stage reads this table instead of keeping its own list: the recipe's schema, the source's
 model folders, conversion, parity, the card, the compiled resources of the macOS job and ``plan``.
 Adding a component is one entry here plus its torch wrapper and I/O contract in
-:mod:`publisher.wrappers` (registered there by name; a test checks that every entry has both).
+:mod:`publisher.wrappers` (registered there by name; a test checks that every entry has both); the language
+model's, one stateful program with ranged inputs, are :mod:`publisher.language_model`'s.
 
 The names follow Apple's ml-stable-diffusion: its package suffixes
 (``Stable_Diffusion_version_<model>_<suffix>.mlpackage``) and the resource names its Swift pipeline

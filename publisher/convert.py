@@ -31,7 +31,8 @@ from publisher.child_process import LIBRARY_LOGGERS, mirror_parent
 from publisher.components import component_spec
 from publisher.coremltools_fixes import install_coremltools_fixes
 from publisher.errors import PublisherError
-from publisher.language_model import convert_language_model, load_language_model_source
+from publisher.language_model import convert_language_model
+from publisher.language_model_source import load_language_model_source
 from publisher.recipe import Recipe, load_recipe
 from publisher.source import LoadedSource, load_source, release_memory
 from publisher.wrappers import ComponentIO, component_io, feature_description, reference_module

@@ -44,9 +44,10 @@ from publisher.device_results import DeviceResults, DeviceRun, read_device_resul
 from publisher.errors import HubError, ParityError, PublisherError, RecipeError
 from publisher.hub import PushResult
 from publisher.hub_errors import HubCall, hub_errors
-from publisher.language_model import CAUSAL_MASK, INPUT_IDS, causal_mask, load_language_model_source
+from publisher.language_model import CAUSAL_MASK, INPUT_IDS, causal_mask
 from publisher.language_model_parity import COMPONENT as LANGUAGE_MODEL
 from publisher.language_model_parity import judge, measure_language_model, reference_tokens
+from publisher.language_model_source import load_language_model_source
 from publisher.layout import DEVICE_RESULTS_NAME, LANGUAGE_MODEL_FILES, TOKENIZER_FILES
 from publisher.parity import COREML_RUNTIME, coreml_runtime_available, measure_component
 from publisher.push import PushOptions, push_folder_and_report

@@ -24,7 +24,8 @@ import torch
 
 from publisher import executor
 from publisher.errors import ParityError
-from publisher.language_model import CAUSAL_MASK, INPUT_IDS, LOGITS, LanguageModelSource, causal_mask
+from publisher.language_model import CAUSAL_MASK, INPUT_IDS, LOGITS, causal_mask
+from publisher.language_model_source import LanguageModelSource
 from publisher.parity import COREML_RUNTIME, backends, psnr
 from publisher.recipe import Recipe, Scheme
 from publisher.report import ParityResult, TokenParity

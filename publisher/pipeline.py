@@ -30,7 +30,6 @@ from publisher.components import CHUNKS, chunk_names, component_spec, pipeline_c
 from publisher.compress import compress_package
 from publisher.convert import convert_in_subprocess
 from publisher.executor import LoadedProgram
-from publisher.language_model import LanguageModelSource, load_language_model_source
 from publisher.language_model_parity import COMPONENT as LM_COMPONENT
 from publisher.language_model_parity import gate as gate_language_model
 from publisher.language_model_parity import (
@@ -39,6 +38,7 @@ from publisher.language_model_parity import (
     reference_tokens,
     save_references,
 )
+from publisher.language_model_source import LanguageModelSource, load_language_model_source
 from publisher.monitor import Monitor
 from publisher.parity import (
     ComponentParity,

@@ -24,7 +24,7 @@ from publisher.assemble import package_path
 from publisher.checkpoint import single_file_architecture
 from publisher.components import TABLE, component_spec
 from publisher.errors import RecipeError
-from publisher.language_model import inspect_language_model
+from publisher.language_model_source import inspect_language_model
 from publisher.recipe import Palettize, Recipe, Scheme, load_recipe
 from publisher.source import LoadedSource, detect_family, inspect_source, model_class, with_source_components
 from publisher.wrappers import reference_module

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from publisher.card import check_template
-from publisher.language_model import inspect_language_model
+from publisher.language_model_source import inspect_language_model
 from publisher.recipe import Recipe, load_recipe
 from publisher.source import inspect_source, with_source_components
 

@@ -9,13 +9,15 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
-from publisher import components, wrappers
+from publisher import components, language_model, wrappers
 from publisher.components import (
     TABLE,
     Role,
     chunk_names,
     component_names,
+    component_spec,
     package_suffix,
     swift_resource,
     whole_component,
@@ -27,9 +29,14 @@ NAMES = set(TABLE)
 
 
 def test_every_component_has_a_wrapper_and_a_contract():
+    """The diffusion components' are registered in publisher.wrappers; a language model's wrapper and contract are
+    its own module's (publisher.language_model: one stateful program, its inputs ranged rather than sized)."""
     modules, contracts = wrappers.registered()
-    assert modules == NAMES
-    assert contracts == NAMES
+    diffusion = {name for name in NAMES if component_spec(name).role != "language_model"}
+    assert modules == contracts == diffusion
+    assert NAMES - diffusion == {"language_model"}
+    assert issubclass(language_model.StatefulCausalLM, torch.nn.Module)
+    assert callable(language_model.convert_language_model)
 
 
 def test_the_recipe_schema_follows_the_table():

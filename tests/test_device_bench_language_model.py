@@ -20,8 +20,9 @@ from publisher.device_results import read_device_results
 from publisher.errors import ParityError, PublisherError
 from publisher.executor.ops import OPS
 from publisher.executor.ops.registry import OpImpl
-from publisher.language_model import CAUSAL_MASK, INPUT_IDS, LOGITS, causal_mask, load_language_model_source
+from publisher.language_model import CAUSAL_MASK, INPUT_IDS, LOGITS, causal_mask
 from publisher.language_model_parity import TokenReference, measure_language_model, reference_tokens
+from publisher.language_model_source import load_language_model_source
 from publisher.layout import DEVICE_RESULTS_NAME
 from publisher.parity import COREML_RUNTIME
 from publisher.pipeline import publish

@@ -28,9 +28,9 @@ from publisher.language_model import (
     StatefulCausalLM,
     causal_mask,
     convert_language_model,
-    load_language_model_source,
 )
 from publisher.language_model_parity import gate, measure_language_model, reference_tokens
+from publisher.language_model_source import load_language_model_source
 from publisher.package_weights import program_weights
 from publisher.pipeline import publish
 from publisher.plan import plan_recipe
@@ -192,10 +192,12 @@ def test_a_hub_source_publishes_and_pushes_to_the_hub(tiny_models, tmp_path, hub
     (weights,) = [item for item in report.inputs if item.filename == "model.safetensors"]
     assert weights.repo == source_repo and weights.revision == revision
     package = tmp_path / "out" / report.variants[0].folder / report.variants[0].components[0].package
-    scales = {weight.name: weight.size for weight in program_weights(package) if weight.name.endswith("_scale_0")}
+    # coremltools numbers the constants it makes (`..._quantized_scale_<n>`): matched by their weight's name.
+    scales = {weight.name.split("_quantized_scale")[0]: weight.size for weight in program_weights(package)
+              if "_quantized_scale" in weight.name}
     vocabulary, hidden = 512, 64
-    assert scales["model_model_embed_tokens_weight_to_fp16_quantized_scale_0"] == vocabulary  # one per row
-    assert scales["model_model_layers_0_mlp_up_proj_weight_to_fp16_quantized_scale_0"] == 128 * hidden // 32
+    assert scales["model_model_embed_tokens_weight_to_fp16"] == vocabulary  # one scale per row
+    assert scales["model_model_layers_0_mlp_up_proj_weight_to_fp16"] == 128 * hidden // 32  # one per block
 
 
 @pytest.mark.parametrize(("change", "field", "message"), [
