@@ -77,7 +77,9 @@ def test_a_chunked_controlnet_repository_has_every_package_and_its_compiled_name
     recipe["conversion"].update(components=["text_encoder", "controlnet", "control_unet", "vae_decoder"],
                                 chunk_unet=True)
     recipe["compression"] = {}
-    recipe["parity"].update(per_component={}, image_steps=3)
+    # One prompt, two steps: the chained chunks and the residuals are exercised at every step alike.
+    recipe["parity"].update(per_component={}, image_steps=2)
+    recipe["card"]["prompts"] = recipe["card"]["prompts"][:1]
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
 

@@ -18,8 +18,6 @@ from publisher.cli import main
 from publisher.device_bench import BenchSettings, DeviceTools, bench_device, prompt_length, run_bench_device
 from publisher.device_results import read_device_results
 from publisher.errors import ParityError, PublisherError
-from publisher.executor.ops import OPS
-from publisher.executor.ops.registry import OpImpl
 from publisher.language_model import CAUSAL_MASK, INPUT_IDS, LOGITS, causal_mask
 from publisher.language_model_parity import TokenReference, measure_language_model, reference_tokens
 from publisher.language_model_source import load_language_model_source
@@ -30,7 +28,7 @@ from publisher.recipe import Recipe, load_recipe
 from publisher.report import PublishReport
 from publisher.synthetic import build_language_model
 from tests.conftest import ROOT
-from tests.test_language_models import CONTEXT, write_recipe
+from tests.test_language_models import CONTEXT, break_cache_writes, write_recipe
 
 REPO = "someone/tiny-llama-coreml"
 CALL, TOKEN = 1 / 64, 1 / 1024  # the fake clock's cost of a prediction and of each token in it: exact in binary
@@ -185,7 +183,7 @@ def test_a_broken_state_update_on_the_runtime_is_recorded_then_fails(tiny_llama,
     recipe, _, references = tiny_llama
     fake = ExecutorCoreML(references)
     # The update that writes nothing: decode reads a cache the prompt never filled (tests/test_language_models.py).
-    monkeypatch.setitem(OPS, "coreml_update_state", OpImpl(lambda a: a["state"], native_half=True))
+    break_cache_writes(monkeypatch)
     with pytest.raises(ParityError, match="on the Core ML runtime: language_model .*top-1 agreement") as failure:
         run_bench_device(str(published), recipe, fake.tools(), BenchSettings(steps=2, runs=1, prompt_tokens=8))
     assert failure.value.exit_code == 3

@@ -5,6 +5,7 @@ recipes fail with one line."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ from huggingface_hub import HfApi, ModelCard
 from publisher import VERSION_KEY
 from publisher.cli import main
 from publisher.errors import ParityError
+from publisher.executor import fusion, load_program, make_state, run
 from publisher.executor.ops import OPS
 from publisher.executor.ops.registry import OpImpl
+from publisher.executor.ops.tensor_transformation import slice_update_in_place
 from publisher.language_model import (
     CAUSAL_MASK,
     INPUT_IDS,
@@ -35,7 +38,7 @@ from publisher.package_weights import program_weights
 from publisher.pipeline import publish
 from publisher.plan import plan_recipe
 from publisher.push import PushOptions
-from publisher.recipe import load_recipe
+from publisher.recipe import Recipe, load_recipe
 from publisher.synthetic import build_language_model
 from tests.conftest import ROOT
 from tests.hub.helpers import USER, WRITE_TOKEN
@@ -138,21 +141,61 @@ def test_a_tiny_family_publishes_int4_and_palettized_with_stateful_parity(tiny_m
         assert "Top-1 agreement" in card.text and "swift-transformers" in card.text and "make_state" in card.text
 
 
-def test_a_broken_state_update_fails_the_token_gate(tiny_models, tmp_path, monkeypatch):
+def break_cache_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KV-cache update that writes nothing, in place or not: the state keeps its old value, as an update at the
+    wrong positions would leave the positions the next step reads. Programs loaded afterwards run it."""
+    def unwritten(a, out=None):
+        return a["x"] if out is None else out
+
+    monkeypatch.setattr(fusion, "slice_update_in_place", unwritten)
+    monkeypatch.setitem(OPS, "slice_update", OpImpl(lambda a: unwritten(a, a["x"].clone()), native_half=True))
+
+
+@pytest.fixture(scope="module")
+def fp16_llama(tiny_models, tmp_path_factory) -> tuple[Recipe, Path]:
+    """The tiny Llama converted uncompressed, in this process, and its recipe."""
     recipe = load_recipe(write_recipe(tiny_models, "llama", "none", name="tiny-llama-fp16"))
-    source = load_language_model_source(recipe)
-    package = tmp_path / "model.mlpackage"
-    convert_language_model(recipe, source, package)
-    references = reference_tokens(recipe, source)
+    package = tmp_path_factory.mktemp("fp16-llama") / "model.mlpackage"
+    convert_language_model(recipe, load_language_model_source(recipe), package)
+    return recipe, package
+
+
+def test_a_broken_state_update_fails_the_token_gate(fp16_llama, monkeypatch):
+    recipe, package = fp16_llama
+    references = reference_tokens(recipe, load_language_model_source(recipe))
     judged, _ = gate(recipe, measure_language_model(package, references, "original", on=("executor-fp16",)))
     assert all(row.token_agreement == 1.0 for row in judged)
 
-    # The update that writes nothing: the state keeps its old value, as a wrong slice update would leave it.
-    monkeypatch.setitem(OPS, "coreml_update_state", OpImpl(lambda a: a["state"], native_half=True))
+    break_cache_writes(monkeypatch)
     rows = measure_language_model(package, references, "original", on=("executor-fp16",))
     with pytest.raises(ParityError, match="top-1 agreement"):
         gate(recipe, rows)
     assert max(row.token_agreement for row in rows) < TINY_PARITY["none"]["min_token_agreement"]
+
+
+def test_the_cache_updates_in_place_compute_what_copies_compute(fp16_llama):
+    """Every layer's slice_update of the KV cache writes into the state (executor.fusion.update_states_in_place):
+    prefill then decode give the logits and the final state that copying updates give, bit for bit."""
+    _, package = fp16_llama
+    in_place, copying = load_program(package), load_program(package)
+    updates = [step for step in in_place.steps if step.op_type == "slice_update"]
+    assert len(updates) == 4 and all(step.fn is slice_update_in_place for step in updates)  # 2 layers, K and V
+    copying.steps[:] = [replace(step, fn=OPS["slice_update"].fn) if step.op_type == "slice_update" else step
+                        for step in copying.steps]
+
+    def decode(program, mode):
+        state = make_state(program)
+        logits = [run(program, {INPUT_IDS: np.array([[3, 9, 27, 81, 5]], np.int32), CAUSAL_MASK: causal_mask(5, 5)},
+                      state=state, mode=mode)[LOGITS]]
+        for position in range(5, 11):
+            logits.append(run(program, {INPUT_IDS: np.array([[position + 7]], np.int32),
+                                        CAUSAL_MASK: causal_mask(1, position + 1)}, state=state, mode=mode)[LOGITS])
+        return logits, state.read_state(KEY_CACHE), state.read_state(VALUE_CACHE)
+
+    for mode in ("fp16", "fp32"):
+        fast, slow = decode(in_place, mode), decode(copying, mode)
+        assert all(np.array_equal(a, b) for a, b in zip(fast[0], slow[0], strict=True))
+        assert np.array_equal(fast[1], slow[1]) and np.array_equal(fast[2], slow[2])
 
 
 def test_the_wrapper_decodes_as_transformers_with_its_cache(tiny_models):

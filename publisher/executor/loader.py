@@ -22,7 +22,7 @@ from coremltools.converters.mil.mil.ops.registry import SSAOpRegistry
 
 from publisher.executor.constexpr import DECOMPRESSORS, as_tensor
 from publisher.executor.errors import ExecutorError, UnsupportedOpError
-from publisher.executor.fusion import fuse
+from publisher.executor.fusion import fuse, update_states_in_place
 from publisher.executor.ops import OPS
 from publisher.executor.steps import CompiledBlock, Step, ValueInfo, plan_release
 
@@ -258,7 +258,7 @@ def load_program(package: Path | str) -> LoadedProgram:
     with torch.inference_mode():
         steps = compiler.ops(function.operations)
     keep = {v.name for v in function.outputs} | set(states)
-    steps = fuse(steps, keep)
+    steps = update_states_in_place(fuse(steps, keep), keep)
     plan_release(steps, keep)
     done = time.perf_counter()
     return LoadedProgram(

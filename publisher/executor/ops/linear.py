@@ -20,9 +20,21 @@ def _common(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
-@register("linear")
+# Up to this many rows (a language model's decode step, a short prompt) fp16 operands are multiplied in fp16:
+# torch's CPU kernel accumulates in fp32 and rounds once per output, as the widened product is rounded, but
+# widening a 2048x8192 weight costs twenty times the product (benchmarks/decode.py). Rounding the bias sum
+# apart moves about 0.3% of outputs by one fp16 step. Above it, torch's fp16 GEMM is the slower.
+NATIVE_HALF_ROWS = 64
+
+
+@register("linear", native_half=True)
 def linear(a: OpArgs) -> Result:
-    x, weight, bias = _common(a["x"], a.weight("weight"), a.opt("bias"))
+    x, bias = a["x"], a.opt("bias")
+    weight = a.held("weight")
+    if x.dtype == weight.dtype == torch.float16 and x.numel() <= NATIVE_HALF_ROWS * x.shape[-1]:
+        return F.linear(x, weight, None if bias is None else bias.to(torch.float16))
+    x, weight, bias = _common(x.float() if x.dtype == torch.float16 else x, a.widened_weight("weight"),
+                              None if bias is None else bias.float() if bias.dtype == torch.float16 else bias)
     return F.linear(x, weight, bias)
 
 

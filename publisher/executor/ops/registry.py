@@ -87,6 +87,13 @@ class OpArgs:
             return self._scratch.widen(name, t)
         return self[name]
 
+    def widened_weight(self, name: str) -> torch.Tensor:
+        """Input `name` in fp32 whatever the mode, widened into the run's reused buffer like :meth:`weight`."""
+        t = self._tensors.get(name)
+        if self._scratch is not None and t is not None and t.dtype == torch.float16:
+            return self._scratch.widen(name, t)
+        return self[name] if t is None or t.dtype != torch.float16 else t.float()
+
     def opt(self, name: str) -> torch.Tensor | None:
         """The tensor input `name`, or None when the op was given none."""
         t = self._tensors.get(name)

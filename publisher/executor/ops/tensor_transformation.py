@@ -122,13 +122,17 @@ def slice_by_size(a: OpArgs) -> Result:
 
 @register("slice_update", native_half=True)
 def slice_update(a: OpArgs) -> Result:
-    x = a["x"]
+    return slice_update_in_place(a, a["x"].clone())
+
+
+def slice_update_in_place(a: OpArgs, out: torch.Tensor | None = None) -> Result:
+    """slice_update writing into ``out`` (default: its input ``x`` itself, see fusion.update_states_in_place)."""
+    x = a["x"] if out is None else out
     spec, forward = _slices(a, x.shape)
-    out = x.clone()
     key: Any = tuple(spec) if forward else _index_tensors(spec, x.shape)
-    region = out[key]
-    out[key] = a["update"].to(x.dtype).reshape(region.shape)
-    return out
+    region = x[key]
+    x[key] = a["update"].to(x.dtype).reshape(region.shape)
+    return x
 
 
 @register("depth_to_space", native_half=True)
