@@ -31,8 +31,17 @@ from publisher.child_process import LIBRARY_LOGGERS, mirror_parent
 from publisher.components import component_spec
 from publisher.coremltools_fixes import install_coremltools_fixes
 from publisher.errors import PublisherError
-from publisher.language_model import convert_language_model
-from publisher.language_model_source import load_language_model_source
+from publisher.language_model import (
+    CAUSAL_MASK,
+    EXPORTER_KEY,
+    INPUT_IDS,
+    KEY_CACHE,
+    LOGITS,
+    VALUE_CACHE,
+    StatefulCausalLM,
+    causal_mask,
+)
+from publisher.language_model_source import FAMILIES, LanguageModelSource, load_language_model_source
 from publisher.recipe import Recipe, load_recipe
 from publisher.source import LoadedSource, load_source, release_memory
 from publisher.wrappers import ComponentIO, component_io, feature_description, reference_module
@@ -135,6 +144,71 @@ def describe(model: ct.models.MLModel, recipe: Recipe, source: LoadedSource, com
         elif description:
             model.output_description[name] = description
     model.user_defined_metadata[VERSION_KEY] = __version__
+
+
+# ---------------------------------------------------------------------------------------------
+# A language model: one stateful program
+
+
+def convert_language_model(recipe: Recipe, source: LanguageModelSource, package: Path) -> tuple[int, float]:
+    """Trace the stateful wrapper (:class:`publisher.language_model.StatefulCausalLM`) and convert it to an iOS18
+    ML Program at ``package``, with the I/O contract :mod:`publisher.language_model` states.
+
+    Returns:
+        `tuple[int, float]`: the model's parameter count and the conversion's seconds.
+    """
+    install_coremltools_fixes()
+    started = time.perf_counter()
+    model = source.model()
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    context = recipe.conversion.context_length
+    wrapper = StatefulCausalLM(model, context).eval()
+    example = (torch.zeros((1, 2), dtype=torch.int32), torch.from_numpy(causal_mask(2, 2)).float())
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+    query = ct.RangeDim(lower_bound=1, upper_bound=recipe.conversion.max_input_length or context, default=1)
+    end = ct.RangeDim(lower_bound=1, upper_bound=context, default=1)
+    state_type = ct.TensorType(shape=tuple(getattr(wrapper, KEY_CACHE).shape), dtype=np.float16)
+    half = recipe.conversion.precision == "float16"
+    converted = ct.convert(
+        traced,
+        convert_to="mlprogram",
+        inputs=[ct.TensorType(name=INPUT_IDS, shape=(1, query), dtype=np.int32),
+                ct.TensorType(name=CAUSAL_MASK, shape=(1, 1, query, end), dtype=np.float16)],
+        outputs=[ct.TensorType(name=LOGITS, dtype=np.float32)],
+        states=[ct.StateType(wrapped_type=state_type, name=KEY_CACHE),
+                ct.StateType(wrapped_type=state_type, name=VALUE_CACHE)],
+        minimum_deployment_target=getattr(ct.target, recipe.conversion.minimum_deployment_target.value),
+        compute_precision=ct.precision.FLOAT16 if half else ct.precision.FLOAT32,
+        skip_model_load=True,  # loading compiles with Core ML, which exists only on macOS
+    )
+    del traced, wrapper, model
+    describe_language_model(converted, recipe, source)
+    converted.save(str(package))
+    return parameters, time.perf_counter() - started
+
+
+def describe_language_model(model: ct.models.MLModel, recipe: Recipe, source: LanguageModelSource) -> None:
+    """Metadata swift-transformers reads (the repo to fetch config and tokenizer from) and the card's facts."""
+    model.author = f"Converted by coreml-publisher from {recipe.source.repo or recipe.name}"
+    model.license = recipe.card.license or source.license or "see the source model's card"
+    model.version = recipe.model_version
+    model.short_description = f"{FAMILIES[source.family].display} causal language model with a stateful KV cache"
+    model.input_description[INPUT_IDS] = "Token ids of the new tokens: the whole prompt, then one token per step"
+    model.input_description[CAUSAL_MASK] = ("Additive attention mask (1, 1, new tokens, cached + new tokens):"
+                                            " its last axis sets how many cache positions the call sees")
+    model.output_description[LOGITS] = "Next-token scores at each new position (1, new tokens, vocabulary)"
+    metadata = model.user_defined_metadata
+    metadata[f"{EXPORTER_KEY}.name"] = recipe.target.repo
+    metadata[f"{EXPORTER_KEY}.task"] = "text-generation"
+    metadata[f"{EXPORTER_KEY}.architecture"] = source.model_classes["language_model"]
+    metadata[f"{EXPORTER_KEY}.framework"] = "pytorch"
+    metadata[f"{EXPORTER_KEY}.precision"] = recipe.conversion.precision
+    metadata[f"{EXPORTER_KEY}.context_length"] = str(recipe.conversion.context_length)
+    window = getattr(source.config, "sliding_window", None)
+    if window and getattr(source.config, "use_sliding_window", True):
+        metadata[f"{EXPORTER_KEY}.sliding_window"] = str(window)
+    metadata[VERSION_KEY] = __version__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Language models: a transformers causal LM -> one stateful Core ML ML Program.
+"""Language models: a transformers causal LM as one stateful Core ML ML Program.
 
 The package follows what its consumers read:
 
@@ -17,25 +17,20 @@ The package follows what its consumers read:
   shape (1, 1, query, end) whose last axis says how many cache positions the call sees: the past length is
   ``end - query``. iOS18 / macOS15 is the first target with states.
 
-The module is the component's wrapper (the traced :class:`StatefulCausalLM`), its I/O contract (the names
-below and :func:`convert_language_model`'s inputs, states and output) and its conversion. The source is
-:mod:`publisher.language_model_source`; parity (prefill and decode through the executor),
-:mod:`publisher.language_model_parity`.
+The module is the component's wrapper (the traced :class:`StatefulCausalLM`) and its I/O contract (the names
+below and :func:`causal_mask`), as :mod:`publisher.wrappers` is the diffusion components'. Its conversion is
+:func:`publisher.convert.convert_language_model`, its source :mod:`publisher.language_model_source`, its parity
+(prefill and decode through the executor) :mod:`publisher.language_model_parity`.
 """
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from publisher import VERSION_KEY, __version__
 from publisher.errors import PublisherError
-from publisher.language_model_source import FAMILIES, LanguageModelSource
-from publisher.recipe import Recipe
 
 INPUT_IDS = "inputIds"
 CAUSAL_MASK = "causalMask"
@@ -131,71 +126,3 @@ def causal_mask(query: int, end: int) -> np.ndarray:
     rows = np.arange(query)[:, None] + past
     mask[0, 0][np.arange(end)[None, :] > rows] = -np.inf
     return mask
-
-
-# ---------------------------------------------------------------------------------------------
-# Conversion
-
-
-def convert_language_model(recipe: Recipe, source: LanguageModelSource, package: Path) -> tuple[int, float]:
-    """Trace the stateful wrapper and convert it to an iOS18 ML Program at ``package``.
-
-    Returns:
-        `tuple[int, float]`: the model's parameter count and the conversion's seconds.
-    """
-    import coremltools as ct
-
-    from publisher.coremltools_fixes import install_coremltools_fixes
-
-    install_coremltools_fixes()
-    started = time.perf_counter()
-    model = source.model()
-    parameters = sum(parameter.numel() for parameter in model.parameters())
-    context = recipe.conversion.context_length
-    wrapper = StatefulCausalLM(model, context).eval()
-    example = (torch.zeros((1, 2), dtype=torch.int32), torch.from_numpy(causal_mask(2, 2)).float())
-    with torch.no_grad():
-        traced = torch.jit.trace(wrapper, example, check_trace=False)
-    query = ct.RangeDim(lower_bound=1, upper_bound=recipe.conversion.max_input_length or context, default=1)
-    end = ct.RangeDim(lower_bound=1, upper_bound=context, default=1)
-    state_type = ct.TensorType(shape=tuple(getattr(wrapper, KEY_CACHE).shape), dtype=np.float16)
-    half = recipe.conversion.precision == "float16"
-    converted = ct.convert(
-        traced,
-        convert_to="mlprogram",
-        inputs=[ct.TensorType(name=INPUT_IDS, shape=(1, query), dtype=np.int32),
-                ct.TensorType(name=CAUSAL_MASK, shape=(1, 1, query, end), dtype=np.float16)],
-        outputs=[ct.TensorType(name=LOGITS, dtype=np.float32)],
-        states=[ct.StateType(wrapped_type=state_type, name=KEY_CACHE),
-                ct.StateType(wrapped_type=state_type, name=VALUE_CACHE)],
-        minimum_deployment_target=getattr(ct.target, recipe.conversion.minimum_deployment_target.value),
-        compute_precision=ct.precision.FLOAT16 if half else ct.precision.FLOAT32,
-        skip_model_load=True,  # loading compiles with Core ML, which exists only on macOS
-    )
-    del traced, wrapper, model
-    describe_language_model(converted, recipe, source)
-    converted.save(str(package))
-    return parameters, time.perf_counter() - started
-
-
-def describe_language_model(model: Any, recipe: Recipe, source: LanguageModelSource) -> None:
-    """Metadata swift-transformers reads (the repo to fetch config and tokenizer from) and the card's facts."""
-    model.author = f"Converted by coreml-publisher from {recipe.source.repo or recipe.name}"
-    model.license = recipe.card.license or source.license or "see the source model's card"
-    model.version = recipe.model_version
-    model.short_description = f"{FAMILIES[source.family].display} causal language model with a stateful KV cache"
-    model.input_description[INPUT_IDS] = "Token ids of the new tokens: the whole prompt, then one token per step"
-    model.input_description[CAUSAL_MASK] = ("Additive attention mask (1, 1, new tokens, cached + new tokens):"
-                                            " its last axis sets how many cache positions the call sees")
-    model.output_description[LOGITS] = "Next-token scores at each new position (1, new tokens, vocabulary)"
-    metadata = model.user_defined_metadata
-    metadata[f"{EXPORTER_KEY}.name"] = recipe.target.repo
-    metadata[f"{EXPORTER_KEY}.task"] = "text-generation"
-    metadata[f"{EXPORTER_KEY}.architecture"] = source.model_classes["language_model"]
-    metadata[f"{EXPORTER_KEY}.framework"] = "pytorch"
-    metadata[f"{EXPORTER_KEY}.precision"] = recipe.conversion.precision
-    metadata[f"{EXPORTER_KEY}.context_length"] = str(recipe.conversion.context_length)
-    window = getattr(source.config, "sliding_window", None)
-    if window and getattr(source.config, "use_sliding_window", True):
-        metadata[f"{EXPORTER_KEY}.sliding_window"] = str(window)
-    metadata[VERSION_KEY] = __version__

@@ -22,21 +22,27 @@ from publisher.components import (
     swift_resource,
     whole_component,
 )
+from publisher.convert import convert_language_model
 from publisher.recipe import Compression, Conversion
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = set(TABLE)
+# swift-transformers' LanguageModel.Keys: the names its stateful language model reads.
+FEATURE_NAMES_READ_BY_SWIFT_TRANSFORMERS = {"inputIds", "causalMask", "keyCache", "valueCache", "logits"}
 
 
 def test_every_component_has_a_wrapper_and_a_contract():
     """The diffusion components' are registered in publisher.wrappers; a language model's wrapper and contract are
-    its own module's (publisher.language_model: one stateful program, its inputs ranged rather than sized)."""
+    its own module's (publisher.language_model: one stateful program, its inputs ranged rather than sized), its
+    conversion publisher.convert's."""
     modules, contracts = wrappers.registered()
     diffusion = {name for name in NAMES if component_spec(name).role != "language_model"}
     assert modules == contracts == diffusion
     assert NAMES - diffusion == {"language_model"}
     assert issubclass(language_model.StatefulCausalLM, torch.nn.Module)
-    assert callable(language_model.convert_language_model)
+    contract = {language_model.INPUT_IDS, language_model.CAUSAL_MASK, language_model.KEY_CACHE,
+                language_model.VALUE_CACHE, language_model.LOGITS}
+    assert contract == FEATURE_NAMES_READ_BY_SWIFT_TRANSFORMERS and callable(convert_language_model)
 
 
 def test_the_recipe_schema_follows_the_table():

@@ -17,6 +17,7 @@ from huggingface_hub import HfApi, ModelCard
 
 from publisher import VERSION_KEY
 from publisher.cli import main
+from publisher.convert import convert_language_model
 from publisher.errors import ParityError
 from publisher.executor import fusion, load_program, make_state, run
 from publisher.executor.ops import OPS
@@ -30,7 +31,6 @@ from publisher.language_model import (
     VALUE_CACHE,
     StatefulCausalLM,
     causal_mask,
-    convert_language_model,
 )
 from publisher.language_model_parity import gate, measure_language_model, reference_tokens
 from publisher.language_model_source import load_language_model_source
