@@ -5,6 +5,7 @@ recipes fail with one line."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -112,13 +113,19 @@ def check_package(package: Path, context: int) -> Model_pb2.Model:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "falcon"])
-def test_a_tiny_family_publishes_int4_and_palettized_with_stateful_parity(tiny_models, family, tmp_path):
+def test_a_tiny_family_publishes_int4_and_palettized_with_stateful_parity(tiny_models, family, tmp_path,
+                                                                          hub_cli: HubServer):
+    api = HfApi(endpoint=hub_cli.url, token=WRITE_TOKEN)
     for scheme in ("int4", "palettized"):
-        # One name and target for both schemes, as a maintainer re-publishing another scheme: converted once.
+        # One name and target for both schemes, as a maintainer re-publishing another scheme: converted once,
+        # pushed to the loopback Hub twice (the second a new commit replacing the package).
         recipe_file = write_recipe(tiny_models, family, scheme, name=f"tiny-{family}")
         (planned,) = plan_recipe(load_recipe(recipe_file)).packages
         out = tmp_path / scheme
-        report = publish(recipe_file, out, quiet=True)
+        report = publish(recipe_file, out, quiet=True, push=PushOptions())
+        pushed = api.hf_hub_download(report.target_repo, "publish_report.json", local_dir=tmp_path / f"{scheme}-hub")
+        assert json.loads(Path(pushed).read_text())["variants"][0]["components"][0]["scheme"] == \
+            report.variants[0].components[0].scheme
         (variant,) = report.variants
         (component,) = variant.components
         assert planned.parameters == component.parameters
