@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import diffusers
@@ -31,11 +33,7 @@ def build_pipeline(config_dir: Path, out_dir: Path, *, seed: int = 0, dtype: tor
     if not (config_dir / "model_index.json").is_file():
         return build_language_model(config_dir, out_dir, seed=seed, dtype=dtype)
     index = json.loads((config_dir / "model_index.json").read_text())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        shutil.copytree(config_dir, staging, dirs_exist_ok=True)
-        torch.manual_seed(seed)
+    with _staged(config_dir, out_dir, seed) as staging:
         for name, spec in sorted(index.items()):
             cls = library_class(*spec) if isinstance(spec, list) and len(spec) == 2 else None
             if cls is None:
@@ -51,33 +49,35 @@ def build_pipeline(config_dir: Path, out_dir: Path, *, seed: int = 0, dtype: tor
                 model = model.to(dtype)
             model.save_pretrained(staging / name, safe_serialization=True)
             del model
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
 def build_language_model(config_dir: Path, out_dir: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
                          ) -> Path:
     """A transformers causal LM folder (``config.json`` and tokenizer files) with seeded random weights."""
+    with _staged(config_dir, out_dir, seed) as staging:
+        config = transformers.AutoConfig.from_pretrained(config_dir)
+        transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(
+            staging, safe_serialization=True)
+    return out_dir
+
+
+@contextmanager
+def _staged(config_dir: Path, out_dir: Path, seed: int) -> Iterator[Path]:
+    """A temporary sibling of ``out_dir`` holding a copy of ``config_dir``, seeded, renamed to ``out_dir`` when
+    the block ends without error (removed otherwise): an interrupted build never leaves a complete-looking folder."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         shutil.copytree(config_dir, staging, dirs_exist_ok=True)
         torch.manual_seed(seed)
-        config = transformers.AutoConfig.from_pretrained(config_dir)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.save_pretrained(staging, safe_serialization=True)
+        yield staging
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _bytes_to_unicode() -> dict[int, str]:
