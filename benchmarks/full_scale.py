@@ -160,6 +160,8 @@ def main() -> None:
 
     configs = args.configs or ROOT / "configs" / CONFIGS[args.recipe.stem]
     wall_target, peak_target = TARGETS.get(args.recipe.stem, (None, None))
+    # A fresh clone has no build/ yet.
+    (ROOT / "build").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="full-scale-", dir=ROOT / "build") as work:
         recipe = random_recipe(args.recipe, configs, args.variants, Path(work))
         monitor = Monitor()

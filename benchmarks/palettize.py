@@ -13,6 +13,12 @@ Per-grouped-channel k-means in coremltools takes hours on two cores, so it runs 
 measured seconds per group, separately for groups under 10,000 elements (scikit-learn k-means)
 and the rest (kmeans1d), times the number of such groups in the model. Ours runs on all of them.
 
+Ours runs as a publish runs it, with ``install_coremltools_fixes()`` (which hands a weight's groups to
+``palettize_groups`` at once) and its default threads; ``--threads 1`` measures it on one core.
+``--coremltools grouped`` (or ``none``) skips coremltools' per-tensor k-means (about 7 min), and
+``PYTHONPATH=<another tree>`` measures that tree's palettizer with this script, for a before/after
+table from one machine.
+
 ``--model`` adds one whole-model pass of ``palettize_weights`` with our config on an already
 converted fp16 UNet ``.mlpackage`` (converting takes about 3.5 min and 7 GB).
 
@@ -37,7 +43,9 @@ import numpy as np
 # Before coremltools (imported by publisher.palettize) loads tqdm: no progress bars in the table.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from publisher.palettize import lut_function, palettize_config  # noqa: E402
+import publisher.palettize  # noqa: E402
+from publisher.coremltools_fixes import install_coremltools_fixes  # noqa: E402
+from publisher.palettize import lut_function, palettize, palettize_config  # noqa: E402
 
 SKLEARN_BELOW = 10_000  # coremltools' kmeans uses scikit-learn for tensors (groups) under this size
 
@@ -105,18 +113,19 @@ def run(weight: np.ndarray, mode: str, nbits: int, block_sizes: list[int]) -> Ta
     )
 
 
-def per_tensor(weights: list[tuple[str, np.ndarray]], nbits: int) -> tuple[Tally, Tally]:
+def per_tensor(weights: list[tuple[str, np.ndarray]], nbits: int, coremltools: bool) -> tuple[Tally, Tally]:
     ours, theirs = Tally(), Tally()
     for index, (name, weight) in enumerate(weights):
         blocks = [0] * weight.ndim
         ours.add(run(weight, "CUSTOM", nbits, blocks))
-        theirs.add(run(weight, "KMEANS", nbits, blocks))
+        if coremltools:
+            theirs.add(run(weight, "KMEANS", nbits, blocks))
         print(f"  per-tensor {index + 1}/{len(weights)} {name} {weight.shape}", flush=True)
     return ours, theirs
 
 
 def grouped(
-    weights: list[tuple[str, np.ndarray]], nbits: int, group_size: int, every: int
+    weights: list[tuple[str, np.ndarray]], nbits: int, group_size: int, every: int, coremltools: bool
 ) -> tuple[Tally, Tally, Tally, dict[str, int]]:
     """Ours on every eligible weight; ours and coremltools' on every ``every``-th one.
 
@@ -133,11 +142,34 @@ def grouped(
         ours_all.add(result)
         if index % every == 0:
             ours_subset.add(result)
-            theirs_subset.add(run(weight, "KMEANS", nbits, blocks))
+            if coremltools:
+                theirs_subset.add(run(weight, "KMEANS", nbits, blocks))
         for kind, count in result.groups_by_kind.items():
             groups_all[kind] = groups_all.get(kind, 0) + count
         print(f"  grouped {index + 1}/{len(eligible)} {name} {weight.shape}", flush=True)
     return ours_all, ours_subset, theirs_subset, groups_all
+
+
+def analysis_errors(weights: list[tuple[str, np.ndarray]], widths: list[int]) -> tuple[float, float, float]:
+    """The mixed-bit analysis' first step (every weight's LUT and squared error at every width), the way it
+    was computed (one ``palettize`` per width, the error summed over the elements) and with
+    ``palette_errors`` (one histogram, the error summed over distinct values), alternating weight by weight.
+    Returns both times and the largest relative difference between their errors."""
+    from publisher.palettize import palette_errors
+
+    elementwise = histogram = worst = 0.0
+    for _, weight in weights:
+        start = time.perf_counter()
+        before = []
+        for nbits in widths:
+            lut, indices = palettize(weight, nbits)
+            before.append(float(np.sum((lut[indices].astype(np.float64) - weight.reshape(-1)) ** 2)))
+        elementwise += time.perf_counter() - start
+        start = time.perf_counter()
+        after = [error for _, error in palette_errors(weight, widths)]
+        histogram += time.perf_counter() - start
+        worst = max([worst] + [abs(a - b) / b for a, b in zip(after, before, strict=True) if b])
+    return elementwise, histogram, worst
 
 
 def whole_model(path: Path, nbits: int) -> dict[str, float]:
@@ -165,7 +197,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="only the first N weights (smoke test)")
     parser.add_argument("--model", type=Path, help="converted fp16 UNet .mlpackage for a whole-model pass")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--analysis-widths", type=int, nargs="*", default=[],
+                        help="also time the mixed-bit analysis' errors at these widths (e.g. 8 6 4 2 1)")
+    parser.add_argument("--threads", type=int, help="threads for our palettizer (default: every core)")
+    parser.add_argument("--coremltools", choices=["all", "grouped", "none"], default="all",
+                        help="which coremltools k-means runs to time beside ours")
     args = parser.parse_args()
+    install_coremltools_fixes()
+    if args.threads:
+        publisher.palettize._WORKERS = args.threads
+    print(f"palettizer: {publisher.palettize.__file__}, threads {getattr(publisher.palettize, '_WORKERS', 1)}")
 
     weights = unet_weights(threshold=2048)
     if args.limit:
@@ -173,8 +214,10 @@ def main() -> None:
     params = sum(w.size for _, w in weights)
     print(f"{len(weights)} weights, {params / 1e6:.1f} M parameters", flush=True)
 
-    ours, theirs = per_tensor(weights, args.nbits)
-    ours_g, ours_gs, theirs_gs, groups_all = grouped(weights, args.nbits, args.group_size, args.grouped_every)
+    ours, theirs = per_tensor(weights, args.nbits, args.coremltools == "all")
+    ours_g, ours_gs, theirs_gs, groups_all = grouped(weights, args.nbits, args.group_size, args.grouped_every,
+                                                     args.coremltools != "none")
+    errors = analysis_errors(weights, args.analysis_widths) if args.analysis_widths else None
     del weights
     gc.collect()
     whole = whole_model(args.model, args.nbits) if args.model else None
@@ -234,6 +277,15 @@ def main() -> None:
         print(
             f"| whole-model `palettize_weights` (ours) | {whole['seconds']:.1f} | — | — | — | — | — "
             f"| {whole['megabytes']:.1f} | — | saved .mlpackage |"
+        )
+    if errors:
+        print(
+            f"| mixed-bit analysis errors at {args.analysis_widths} bits: elementwise (before) | {errors[0]:.1f} | — "
+            f"| — | — | — | — | — | — | |"
+        )
+        print(
+            f"| mixed-bit analysis errors: palette_errors | {errors[1]:.1f} | — | {errors[0] / errors[1]:.1f}x "
+            f"vs elementwise | — | — | — | — | — | largest relative error difference {errors[2]:.1e} |"
         )
     print()
     print("coremltools grouped seconds per group: " + ", ".join(f"{k} {v:.3f}" for k, v in per_group.items()))

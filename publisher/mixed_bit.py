@@ -4,8 +4,8 @@ Apple's pre-analysis palettizes one layer at a time and runs the model for every
 width (hours on a GPU for SD 1.5). This one needs a handful of forwards instead:
 
 1. **Weight error.** Every eligible weight is palettized at every candidate bit width with the fast
-   histogram k-means (:func:`publisher.palettize.palettize`, the same LUTs the apply step writes):
-   ``sse[l, b] = ||W_l - LUT[idx]||^2``.
+   histogram k-means (:func:`publisher.palettize.palette_errors`, the same LUTs the apply step writes):
+   ``sse[l, b] = ||W_l - LUT[idx]||^2``, summed over the weight's distinct values.
 2. **Gain.** Output error is modelled as additive: ``mse_out = mse_fp + sum_l gain_l * sse[l, b_l]``.
    Layers are cut into ``groups`` contiguous runs of the program (about equal parameter counts, so
    runs follow the network's blocks); the gain of a group is measured by one executor forward with
@@ -42,7 +42,7 @@ import torch
 
 from publisher import executor
 from publisher.package_weights import program_weights
-from publisher.palettize import palettize
+from publisher.palettize import palette_errors, palettize
 from publisher.parity import Reference, psnr, reference_cases
 from publisher.recipe import MIXED_NBITS, PALETTIZE_NBITS, Recipe
 from publisher.source import LoadedSource
@@ -240,11 +240,10 @@ def analyze(package: Path, calib: Calibration, weight_threshold: int = 2048,
     sse = np.zeros((len(layers), len(widths)))
     luts: dict[tuple[str, int], np.ndarray] = {}
     for i, layer in enumerate(layers):
-        original = weights.original[layer.name]
-        for j, nbits in enumerate(widths):
-            lut, indices = palettize(original, nbits)
+        for j, (nbits, (lut, error)) in enumerate(zip(widths, palette_errors(weights.original[layer.name], widths),
+                                                      strict=True)):
             luts[layer.name, nbits] = lut
-            sse[i, j] = float(np.sum((lut[indices].astype(np.float64) - original.reshape(-1)) ** 2))
+            sse[i, j] = error
     # Fewer bits are never assumed better: keeps every greedy move's predicted cost >= 0.
     sse = np.maximum.accumulate(sse, axis=1)
     clustered = time.perf_counter()

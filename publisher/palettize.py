@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import numpy as np
 from coremltools._deps.kmeans1d import _core as _kmeans1d_core
@@ -52,6 +55,10 @@ from publisher.recipe import PALETTIZE_NBITS
 _F16_ORDER = np.concatenate([np.arange(0xFBFF, 0x8000, -1), np.arange(0, 0x7C00)]).astype(np.intp)
 _F16_SORTED = _F16_ORDER.astype(np.uint16).view(np.float16).astype(np.float64)
 _F16_NEG_ZERO = 0x8000
+
+# Threads that share a weight's channel groups, or the passes over a large tensor's elements.
+_WORKERS = os.cpu_count() or 1
+_PARALLEL_ELEMENTS = 1 << 20
 
 # coremltools 9.0 ships Apple's weighted build of kmeans1d (exact 1-D k-means in C++); it is
 # called directly so that arrays cross without the Python-list conversion of its wrapper.
@@ -101,10 +108,18 @@ def kmeans_1d(values: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
         raise ValueError("values must be strictly increasing and weights positive")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if x.size <= k:
-        return x.copy()
-    starts = _optimal_partition(x, w, k)
-    return np.add.reduceat(w * x, starts) / np.add.reduceat(w, starts)
+    return _kmeans_many([(x, w)], k)[0]
+
+
+def _kmeans_many(problems: list[tuple[np.ndarray, np.ndarray]], k: int) -> list[np.ndarray]:
+    """:func:`kmeans_1d` of every ``(values, weights)`` problem, solved side by side (see _solve)."""
+    centroids: list[np.ndarray] = [x.copy() for x, _ in problems]
+    searched = [index for index, (x, _) in enumerate(problems) if x.size > k]
+    starts = _solve([_optimal_partition(*problems[index], k) for index in searched])
+    for index, first in zip(searched, starts, strict=True):
+        x, w = problems[index]
+        centroids[index] = np.add.reduceat(w * x, first) / np.add.reduceat(w, first)
+    return centroids
 
 
 def palettize(weight: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,33 +139,145 @@ def palettize(weight: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
         fewer distinct values than entries it holds every value exactly and repeats the largest.
         ``indices`` is a flat uint8 array of ``weight.size`` entries in C order, each the index of
         the nearest LUT entry (after the LUT is cast to ``weight.dtype``).
+
+    Raises:
+        ValueError: a bad ``nbits``, an empty tensor, a non-numeric dtype, or inf/NaN values.
+    """
+    return palettize_groups([weight], nbits)[0]
+
+
+def palettize_groups(groups: list[np.ndarray], nbits: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`palettize` of every array in ``groups`` (a weight's channel groups), byte for byte.
+
+    The groups run on all cores, and within a core their searches run side by side (see
+    :func:`_solve`): a grouped weight has up to hundreds of groups, and coremltools' own loop calls
+    the LUT function once per group.
+
+    Raises:
+        ValueError: as :func:`palettize`, for any group.
     """
     if nbits not in PALETTIZE_NBITS:
         raise ValueError(f"nbits must be one of {PALETTIZE_NBITS}, got {nbits}")
-    weight = np.asarray(weight)
-    if weight.size == 0:
-        raise ValueError("cannot palettize an empty tensor")
+    shards = [list(shard) for shard in np.array_split(np.arange(len(groups)), min(len(groups), _WORKERS)) if shard.size]
+    if len(shards) < 2:
+        return _palettize_shard(groups, nbits)
+    # numpy and kmeans1d release the GIL in their loops, so threads share the cores; each shard
+    # batches its own groups' window passes.
+    with ThreadPoolExecutor(max_workers=len(shards)) as pool:
+        done = list(pool.map(lambda shard: _palettize_shard([groups[index] for index in shard], nbits), shards))
+    return [palette for shard in done for palette in shard]
+
+
+def _palettize_shard(groups: list[np.ndarray], nbits: int) -> list[tuple[np.ndarray, np.ndarray]]:
     k = 1 << nbits
-    if weight.dtype == np.float16:
-        patterns = np.ascontiguousarray(weight).view(np.uint16).reshape(-1)
-        counts = np.bincount(patterns, minlength=1 << 16)
-        if counts[0x7C00:0x8000].any() or counts[0xFC00:].any():
+    histograms = [_Histogram.of(np.asarray(group)) for group in groups]
+    centroids = _kmeans_many([(h.values, h.counts) for h in histograms if h.values.size > k], k)
+    found = iter(centroids)
+    return [h.palette(next(found) if h.values.size > k else None, k) for h in histograms]
+
+
+def _in_parts(size: int, function: Callable[[int, int], Any]) -> list[Any]:
+    """``function(start, stop)`` over consecutive parts of ``range(size)``, on all cores when large.
+
+    numpy releases the GIL in its loops: a 14.7 M-element UNet weight's histogram and index lookup
+    are each a pass over memory that one core does not saturate.
+    """
+    parts = _WORKERS if size >= _PARALLEL_ELEMENTS else 1
+    if parts < 2:
+        return [function(0, size)]
+    bounds = [size * part // parts for part in range(parts + 1)]
+    with ThreadPoolExecutor(max_workers=parts) as pool:
+        return list(pool.map(function, bounds[:-1], bounds[1:]))
+
+
+class _Histogram:
+    """The sorted distinct values of a tensor, their counts, and the way back to its elements."""
+
+    def __init__(self, weight: np.ndarray, values: np.ndarray, counts: np.ndarray,
+                 elements: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.dtype = weight.dtype
+        self.values = values
+        self.counts = counts
+        # Maps the cluster of each distinct value to the cluster of each element (C order).
+        self.elements = elements
+
+    @classmethod
+    def of(cls, weight: np.ndarray) -> _Histogram:
+        if weight.size == 0:
+            raise ValueError("cannot palettize an empty tensor")
+        if weight.dtype == np.float16:
+            patterns = np.ascontiguousarray(weight).view(np.uint16).reshape(-1)
+            counts = sum(_in_parts(patterns.size, lambda start, stop: np.bincount(patterns[start:stop],
+                                                                                   minlength=1 << 16)))
+            if counts[0x7C00:0x8000].any() or counts[0xFC00:].any():
+                raise ValueError("cannot palettize a tensor with inf or NaN values")
+            counts[0] += counts[_F16_NEG_ZERO]
+            sorted_counts = counts[_F16_ORDER]
+            present = np.flatnonzero(sorted_counts)
+
+            def elements(cluster: np.ndarray) -> np.ndarray:
+                table = np.zeros(1 << 16, dtype=np.uint8)
+                table[_F16_ORDER[present]] = cluster
+                table[_F16_NEG_ZERO] = table[0]
+                indices = np.empty(patterns.size, dtype=np.uint8)
+                _in_parts(patterns.size, lambda start, stop: np.take(table, patterns[start:stop],
+                                                                     out=indices[start:stop]))
+                return indices
+
+            return cls(weight, _F16_SORTED[present], sorted_counts[present], elements)
+        if not np.issubdtype(weight.dtype, np.number) or np.iscomplexobj(weight):
+            raise ValueError(f"cannot palettize a tensor of dtype {weight.dtype}")
+        distinct, inverse, counts = np.unique(weight.reshape(-1), return_inverse=True, return_counts=True)
+        if not np.isfinite(distinct).all():
             raise ValueError("cannot palettize a tensor with inf or NaN values")
-        counts[0] += counts[_F16_NEG_ZERO]
-        sorted_counts = counts[_F16_ORDER]
-        present = np.flatnonzero(sorted_counts)
-        values, cluster = _cluster_distinct(_F16_SORTED[present], sorted_counts[present], k, weight.dtype)
-        table = np.zeros(1 << 16, dtype=np.uint8)
-        table[_F16_ORDER[present]] = cluster
-        table[_F16_NEG_ZERO] = table[0]
-        return values, np.take(table, patterns)
-    if not np.issubdtype(weight.dtype, np.number) or np.iscomplexobj(weight):
-        raise ValueError(f"cannot palettize a tensor of dtype {weight.dtype}")
-    distinct, inverse, counts = np.unique(weight.reshape(-1), return_inverse=True, return_counts=True)
-    if not np.isfinite(distinct).all():
-        raise ValueError("cannot palettize a tensor with inf or NaN values")
-    values, cluster = _cluster_distinct(distinct.astype(np.float64), counts, k, weight.dtype)
-    return values, cluster[inverse.reshape(-1)]
+        return cls(weight, distinct.astype(np.float64), counts, lambda cluster: cluster[inverse.reshape(-1)])
+
+    def palette(self, centroids: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(lut, indices)`` from the k-means ``centroids`` (``None``: at most ``k`` distinct values)."""
+        lut, cluster = self.table(centroids, k)
+        return lut, self.elements(cluster)
+
+    def table(self, centroids: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(lut, cluster)``: the LUT from ``centroids`` and the LUT entry of each distinct value."""
+        values = self.values
+        if centroids is None:
+            lut = np.concatenate([values, np.full(k - values.size, values[-1])]).astype(self.dtype)
+            return lut, np.arange(values.size, dtype=np.uint8)
+        if np.issubdtype(self.dtype, np.integer):
+            centroids = np.rint(centroids)
+        lut = centroids.astype(self.dtype)
+        # Assign against the LUT as stored, so rounding a centroid to dtype never leaves a value
+        # mapped to an entry that is no longer its nearest.
+        stored = lut.astype(np.float64)
+        cluster = np.searchsorted((stored[:-1] + stored[1:]) / 2, values, side="left")
+        return lut, cluster.astype(np.uint8)
+
+    def squared_error(self, lut: np.ndarray, cluster: np.ndarray) -> float:
+        """The sum over elements of (LUT entry - value)^2, from the distinct values and their counts."""
+        return float(np.sum(self.counts * (lut.astype(np.float64)[cluster] - self.values) ** 2))
+
+
+def palette_errors(weight: np.ndarray, widths: list[int]) -> list[tuple[np.ndarray, float]]:
+    """For each of ``widths``: the LUT :func:`palettize` gives ``weight`` and its squared error.
+
+    What a mixed-bit analysis needs of every weight at every width, from one histogram and without
+    the indices: the error is summed over the distinct values weighted by their counts, a pass over
+    at most 65,536 fp16 values instead of over the elements.
+
+    Raises:
+        ValueError: as :func:`palettize`.
+    """
+    for nbits in widths:
+        if nbits not in PALETTIZE_NBITS:
+            raise ValueError(f"nbits must be one of {PALETTIZE_NBITS}, got {nbits}")
+    histogram = _Histogram.of(np.asarray(weight))
+    errors = []
+    for nbits in widths:
+        k = 1 << nbits
+        centroids = kmeans_1d(histogram.values, histogram.counts, k) if histogram.values.size > k else None
+        lut, cluster = histogram.table(centroids, k)
+        errors.append((lut, histogram.squared_error(lut, cluster)))
+    return errors
 
 
 def lut_function(nbits: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -199,24 +326,71 @@ def palettize_config(
     )
 
 
-def _cluster_distinct(values: np.ndarray, counts: np.ndarray, k: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """LUT (``k`` entries in ``dtype``) and the LUT index of each sorted distinct value."""
-    if values.size <= k:
-        lut = np.concatenate([values, np.full(k - values.size, values[-1])]).astype(dtype)
-        return lut, np.arange(values.size, dtype=np.uint8)
-    centroids = kmeans_1d(values, counts, k)
-    if np.issubdtype(dtype, np.integer):
-        centroids = np.rint(centroids)
-    lut = centroids.astype(dtype)
-    # Assign against the LUT as stored, so rounding a centroid to dtype never leaves a value
-    # mapped to an entry that is no longer its nearest.
-    stored = lut.astype(np.float64)
-    cluster = np.searchsorted((stored[:-1] + stored[1:]) / 2, values, side="left")
-    return lut, cluster.astype(np.uint8)
+class _MicroBins(NamedTuple):
+    """A search's request: the exact weighted k-means labels of these sorted micro-bins."""
+
+    means: np.ndarray
+    mass: np.ndarray
+    k: int
 
 
-def _optimal_partition(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
-    """Start index of each of the ``k`` clusters of sorted points ``x`` (``len(x) > k``)."""
+class _Windows(NamedTuple):
+    """A search's request: the best boundaries among the candidates ``cand`` (see _window_passes)."""
+
+    cand: np.ndarray
+    prefix: np.ndarray
+
+
+_Search = Generator[_MicroBins | _Windows, Any, np.ndarray]
+
+# The batched window passes hold about this many bytes of DP tables at once.
+_WINDOW_BATCH_BYTES = 1 << 26
+
+
+def _solve(searches: list[_Search]) -> list[np.ndarray]:
+    """Run every search to its result, serving their requests together.
+
+    Each search's numbers are the ones it computes alone: the window passes of searches waiting on
+    candidates of the same shape run as one batched DP, so a weight's channel groups cost a few
+    hundred numpy calls per pass together instead of a few hundred each.
+    """
+    results: list[np.ndarray | None] = [None] * len(searches)
+    waiting: dict[int, _MicroBins | _Windows] = {}
+
+    def advance(index: int, answer: Any) -> None:
+        try:
+            waiting[index] = searches[index].send(answer)
+        except StopIteration as finished:
+            results[index] = finished.value
+
+    for index in range(len(searches)):
+        advance(index, None)
+    while waiting:
+        requests, waiting = waiting, {}
+        micro = [index for index, request in requests.items() if isinstance(request, _MicroBins)]
+        for index in micro:
+            advance(index, _exact_kmeans(*requests[index]))
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, request in requests.items():
+            if isinstance(request, _Windows):
+                by_shape.setdefault(request.cand.shape, []).append(index)
+        for (boundaries, width), indices in by_shape.items():
+            batch = max(1, _WINDOW_BATCH_BYTES // (32 * boundaries * width * width))
+            for first in range(0, len(indices), batch):
+                chunk = indices[first:first + batch]
+                answers = _window_passes(np.stack([requests[i].cand for i in chunk]),
+                                         [requests[i].prefix for i in chunk])
+                for index, answer in zip(chunk, answers, strict=True):
+                    advance(index, answer)
+    return results
+
+
+def _optimal_partition(x: np.ndarray, w: np.ndarray, k: int) -> _Search:
+    """Search for the start index of each of the ``k`` clusters of sorted points ``x`` (``len(x) > k``).
+
+    A generator driven by :func:`_solve`: it yields its exact micro-bin k-means and its window
+    passes as requests and returns the starts.
+    """
     n = x.size
     total = w.sum()
     mean = (w * x).sum() / total
@@ -253,7 +427,7 @@ def _optimal_partition(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
         # Equal-rank cuts guarantee at least k micro-bins however concentrated the density is.
         edges = np.union1d(_grid(density, cells), np.arange(k + 1) * n // k)
     mass = np.add.reduceat(w, edges[:-1])
-    labels = _exact_kmeans(np.add.reduceat(w * x, edges[:-1]) / mass, mass, k)
+    labels = yield _MicroBins(np.add.reduceat(w * x, edges[:-1]) / mass, mass, k)
     bounds = edges[1:-1][labels[1:] != labels[:-1]]
     if edges.size == n + 1:
         return np.concatenate([[0], bounds])
@@ -267,7 +441,7 @@ def _optimal_partition(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
         cells *= _REFINE
         edges = _grid(coord, cells)
         final = edges.size == n + 1
-        bounds, cost = _settle(edges, bounds, cost, prefix, migrate=final)
+        bounds, cost = yield from _settle(edges, bounds, cost, prefix, migrate=final)
         if final:
             return np.concatenate([[0], bounds])
 
@@ -280,14 +454,25 @@ def _partition_cost(bounds: np.ndarray, prefix: np.ndarray) -> float:
 
 
 def _grid(coord: np.ndarray, cells: int) -> np.ndarray:
-    """Distinct positions (0 and n included) where ``coord`` crosses a multiple of ``1 / cells``."""
-    edges = np.searchsorted(coord, np.arange(cells + 1) / cells)
-    return edges[np.r_[True, edges[1:] != edges[:-1]]]
+    """The distinct values of ``np.searchsorted(coord, np.arange(cells + 1) / cells)``: positions
+    where the non-decreasing ``coord`` (in [0, 1]) crosses a multiple of ``1 / cells``.
+
+    Computed in one pass over the points rather than one search per grid line, as the finest
+    grids have more lines than points: position ``i`` is an edge when more lines lie at or below
+    ``coord[i]`` than below ``coord[i - 1]``.
+    """
+    lines = np.floor(coord * cells)
+    # One correction each way makes lines[i] the last line j with j / cells <= coord[i], with
+    # j / cells rounded as the searched grid rounds it.
+    lines += (lines + 1) / cells <= coord
+    lines -= lines / cells > coord
+    reached = np.concatenate([[-1.0], lines])
+    return np.flatnonzero(reached[1:] > reached[:-1])
 
 
 def _settle(
     edges: np.ndarray, bounds: np.ndarray, cost: float, prefix: np.ndarray, migrate: bool
-) -> tuple[np.ndarray, float]:
+) -> Generator[_Windows, tuple[np.ndarray, float], tuple[np.ndarray, float]]:
     """Improve ``bounds`` (of partition cost ``cost``) on the grid ``edges``.
 
     Local passes run until one gains less than _TOLERANCE; then, with ``migrate``, a migration
@@ -295,12 +480,12 @@ def _settle(
     """
     n = prefix.shape[1] - 1
     for _ in range(_MAX_PASSES):
-        bounds, new_cost = _window_pass(_local(edges, bounds, n), prefix)
+        bounds, new_cost = yield _Windows(_local(edges, bounds, n), prefix)
         if cost - new_cost <= _TOLERANCE * new_cost:
             if not migrate:
                 return bounds, new_cost
             cost = new_cost
-            bounds, new_cost = _window_pass(_migration(edges, bounds, prefix), prefix)
+            bounds, new_cost = yield _Windows(_migration(edges, bounds, prefix), prefix)
             if cost - new_cost <= _TOLERANCE * new_cost:
                 return bounds, new_cost
         cost = new_cost
@@ -352,34 +537,40 @@ def _best_splits(full: np.ndarray, prefix: np.ndarray) -> np.ndarray:
     return np.where(found < n, found, full[:-1])
 
 
-def _window_pass(cand: np.ndarray, prefix: np.ndarray) -> tuple[np.ndarray, float]:
-    """Best joint choice of inner boundary ``j`` among the positions ``cand[j]``, and its cost.
+def _window_passes(cand: np.ndarray, prefixes: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+    """For each search ``g``: the best joint choice of inner boundary ``j`` among the positions
+    ``cand[g, j]``, and its cost.
 
-    A min-plus DP along the boundaries, exact for the windows given.
+    A min-plus DP along the boundaries, exact for the windows given, run for all searches at once
+    (the loop is along the boundaries; every search adds only a leading axis to its arrays, so each
+    search's numbers are those it would get alone).
     """
-    n = prefix.shape[1] - 1
-    c0, c1, c2 = prefix[:, cand]
-    # steps[j, b, a]: cost of the cluster between candidate a of boundary j and candidate b of
+    searches, boundaries, width = cand.shape
+    c0, c1, c2 = np.stack([prefix[:, positions] for prefix, positions in zip(prefixes, cand, strict=True)], axis=1)
+    # steps[g, j, b, a]: cost of the cluster between candidate a of boundary j and candidate b of
     # boundary j + 1, laid out so that the minimum over a runs along the contiguous axis.
-    d0 = c0[1:, :, None] - c0[:-1, None, :]
-    d1 = c1[1:, :, None] - c1[:-1, None, :]
+    d0 = c0[:, 1:, :, None] - c0[:, :-1, None, :]
+    d1 = c1[:, 1:, :, None] - c1[:, :-1, None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        steps = (c2[1:, :, None] - c2[:-1, None, :]) - d1 * d1 / d0
-    steps[cand[1:, :, None] <= cand[:-1, None, :]] = np.inf
-    best = c2[0] - c1[0] * c1[0] / c0[0]
-    choice = np.empty(steps.shape[:2], dtype=np.intp)
-    rows = np.arange(cand.shape[1])
-    for j, step in enumerate(steps):
-        step += best
-        choice[j] = step.argmin(axis=1)
-        best = step[rows, choice[j]]
-    t0, t1, t2 = prefix[:, n, None] - prefix[:, cand[-1]]
+        steps = (c2[:, 1:, :, None] - c2[:, :-1, None, :]) - d1 * d1 / d0
+    steps[cand[:, 1:, :, None] <= cand[:, :-1, None, :]] = np.inf
+    best = c2[:, 0] - c1[:, 0] * c1[:, 0] / c0[:, 0]
+    choice = np.empty(steps.shape[:3], dtype=np.intp)
+    for j in range(boundaries - 1):
+        step = steps[:, j]
+        step += best[:, None, :]
+        choice[:, j] = step.argmin(axis=2)
+        best = np.take_along_axis(step, choice[:, j, :, None], axis=2)[:, :, 0]
+    t0, t1, t2 = np.stack([prefix[:, -1, None] - prefix[:, positions[-1]]
+                           for prefix, positions in zip(prefixes, cand, strict=True)], axis=1)
     best += t2 - t1 * t1 / t0
-    sel = np.empty(cand.shape[0], dtype=np.intp)
-    sel[-1] = best.argmin()
-    for j in range(cand.shape[0] - 2, -1, -1):
-        sel[j] = choice[j, sel[j + 1]]
-    return cand[np.arange(cand.shape[0]), sel], float(best[sel[-1]])
+    sel = np.empty((searches, boundaries), dtype=np.intp)
+    sel[:, -1] = best.argmin(axis=1)
+    every = np.arange(searches)
+    for j in range(boundaries - 2, -1, -1):
+        sel[:, j] = choice[every, j, sel[:, j + 1]]
+    chosen = np.take_along_axis(cand, sel[:, :, None], axis=2)[:, :, 0]
+    return [(chosen[g], float(best[g, sel[g, -1]])) for g in range(searches)]
 
 
 def _exact_kmeans(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:

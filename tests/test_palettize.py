@@ -16,10 +16,13 @@ from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, 
 
 from publisher.coremltools_fixes import install_coremltools_fixes, pack_bits
 from publisher.palettize import (
+    _grid,
     kmeans_1d,
     lut_function,
+    palette_errors,
     palettize,
     palettize_config,
+    palettize_groups,
 )
 from publisher.recipe import PALETTIZE_NBITS
 
@@ -255,6 +258,83 @@ def test_grouped_channels_through_coremltools_blockwise_compress():
         assert np.array_equal(params.lut[group, 0, :, 0], lut)
         assert np.array_equal(params.indices[16 * group : 16 * (group + 1)].ravel(), indices)
         assert reconstruction_sse(rows, lut, indices) <= SSE_RATIO * optimal_sse(rows, 4)
+
+
+@pytest.mark.parametrize("nbits", [1, 4, 6, 8])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_groups_palettized_together_equal_groups_palettized_alone(nbits, dtype):
+    rng = np.random.default_rng(nbits)
+    groups = [(rng.standard_t(3, (8, 700)) * 0.01).astype(dtype) for _ in range(6)]
+    groups += [np.full((8, 700), 0.5, dtype), (rng.standard_normal((8, 700)) * 0.02).astype(dtype)]
+    together = palettize_groups(groups, nbits)
+    for group, (lut, indices) in zip(groups, together, strict=True):
+        alone = palettize(group, nbits)
+        assert lut.dtype == alone[0].dtype and lut.tobytes() == alone[0].tobytes()
+        assert indices.tobytes() == alone[1].tobytes()
+
+
+def test_a_large_tensor_split_among_threads_gives_the_same_bytes(monkeypatch):
+    import publisher.palettize as module
+
+    weight = tensor("normal", 300_000, seed=13)
+    whole, counts = palettize(weight, 6), module._Histogram.of(weight).counts
+    monkeypatch.setattr(module, "_PARALLEL_ELEMENTS", 1000)
+    monkeypatch.setattr(module, "_WORKERS", 3)
+    parts = palettize(weight, 6)
+    assert parts[0].tobytes() == whole[0].tobytes() and parts[1].tobytes() == whole[1].tobytes()
+    assert np.array_equal(module._Histogram.of(weight).counts, counts)
+
+
+@pytest.mark.parametrize("weight", [
+    tensor("student_t3", 40_000, seed=14),
+    tensor("normal", 5000, seed=15).astype(np.float32),
+    np.random.default_rng(16).integers(-128, 128, 3000).astype(np.int32),
+    np.array([0.5, -0.0, 0.0, 0.5, 1.5] * 20, dtype=np.float16),
+], ids=["fp16", "fp32", "int32", "few-values"])
+def test_palette_errors_are_the_palettes_element_errors(weight):
+    widths = [8, 6, 4, 2, 1]
+    for nbits, (lut, error) in zip(widths, palette_errors(weight, widths), strict=True):
+        expected_lut, indices = palettize(weight, nbits)
+        assert lut.dtype == expected_lut.dtype and lut.tobytes() == expected_lut.tobytes()
+        elementwise = float(np.sum((lut[indices].astype(np.float64) - weight.reshape(-1).astype(np.float64)) ** 2))
+        assert error == pytest.approx(elementwise, rel=1e-9, abs=1e-300)
+
+
+def test_grouped_fix_hands_coremltools_the_same_bytes_in_one_call(monkeypatch):
+    from coremltools.optimize.coreml._quantization_passes import palettize_weights as palettize_pass
+
+    from publisher import coremltools_fixes
+
+    install_coremltools_fixes()
+    assert palettize_pass.grouped_channelwise_compress is coremltools_fixes.grouped_channelwise_compress
+    calls = []
+    monkeypatch.setattr(coremltools_fixes, "palettize_groups",
+                        lambda groups, nbits: calls.append(len(groups)) or palettize_groups(groups, nbits))
+    weight = tensor("student_t3", 48 * 5 * 64, seed=12).reshape(5, 48, 64)
+    for axis in (1, -2):
+        fixed = palettize_pass.grouped_channelwise_compress(weight, "CUSTOM", None, axis, 16, lut_function(6))
+        per_group = coremltools_fixes._COREMLTOOLS_GROUPED(weight, "CUSTOM", None, axis, 16, lut_function(6))
+        assert fixed.lut.tobytes() == per_group.lut.tobytes() and fixed.lut.shape == per_group.lut.shape
+        assert fixed.indices.tobytes() == per_group.indices.tobytes() and fixed.indices.dtype == per_group.indices.dtype
+    assert calls == [3, 3]
+    # What coremltools refuses it still refuses, in its own words.
+    assert palettize_pass.blockwise_compress(weight, "CUSTOM", None, [0, 20, 0], lut_function(6)) is None
+    assert calls == [3, 3]
+
+
+def test_grid_is_the_searched_grid():
+    rng = np.random.default_rng(5)
+    # Powers of two (what the search uses) and others, whose lines j / cells round.
+    sizes = [(10, 4), (100, 512), (1000, 2048), (3000, 131072), (257, 256), (500, 1000), (300, 49), (2000, 7777)]
+    for n, cells in sizes:
+        coord = np.concatenate([[0.0], np.sort(rng.random(n - 1)), [1.0]])
+        lines = rng.integers(1, cells, 40) / cells
+        # Values on grid lines and one step either side of them.
+        coord[rng.integers(1, n, 120)] = np.concatenate([lines, np.nextafter(lines, 0), np.nextafter(lines, 1)])
+        coord.sort()
+        for case in (coord, np.repeat(coord, 2)):  # and repeated values
+            searched = np.searchsorted(case, np.arange(cells + 1) / cells)
+            assert np.array_equal(_grid(case, cells), np.unique(searched))
 
 
 def unpack_lsb_first(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
