@@ -13,21 +13,39 @@ and kills the run if what it cannot reclaim exceeds it.
 
     flock /tmp/coreml-publisher-heavy.lock .venv/bin/python benchmarks/full_scale.py \
         recipes/stable-diffusion-v1-5.yaml --variants original
+
+`--apple-baseline CHECKOUT` then runs Apple's converter (`torch2coreml` from CHECKOUT, a clone of
+apple/ml-stable-diffusion) on the same random-weight folder, one process per component with the
+recipe's settings where it has a flag, and prints its time and peaks beside the publish's, with the
+ratios; each process's peaks are its own tree's, sampled alike. `benchmarks/apple_baseline.py` says
+what to install for it and what its flags cannot match:
+
+    flock /tmp/coreml-publisher-heavy.lock .venv/bin/python benchmarks/full_scale.py \
+        recipes/stable-diffusion-v1-5.yaml --variants original --apple-baseline /tmp/ml-stable-diffusion
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import yaml
+from apple_baseline import AppleRun, apple_plan, check_converter, converter_env, fp16_view
 from random_sources import ROOT, controlnet, language_model, machine, pipeline
+
+if TYPE_CHECKING:
+    from publisher.report import StageCost
 
 CONFIGS = {
     "stable-diffusion-v1-5": "sd15",
@@ -88,13 +106,21 @@ def _anonymous_rss(process: psutil.Process) -> int:
 
 
 @contextmanager
-def anonymous_peak() -> Iterator[list[int]]:
-    """Sample the tree's anonymous RSS every 50 ms (Linux); the peak is in the yielded list's item."""
-    peak, stop, process = [0], threading.Event(), psutil.Process()
+def tree_peak(measure: Callable[[psutil.Process], int], process: psutil.Process | None = None
+              ) -> Iterator[list[int]]:
+    """Sample ``measure(process)`` every 50 ms; the peak is in the yielded list's item.
+
+    Args:
+        measure: the memory of a process tree, e.g. :func:`_anonymous_rss`.
+        process: the tree's root (default: this process).
+    """
+    peak, stop, process = [0], threading.Event(), process or psutil.Process()
 
     def sample() -> None:
         while not stop.wait(0.05):
-            peak[0] = max(peak[0], _anonymous_rss(process))
+            # A child sampled as it exits is gone: that sample is skipped, not an error in this thread.
+            with suppress(psutil.Error):
+                peak[0] = max(peak[0], measure(process))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -144,6 +170,75 @@ def ratio(value: float, target: float | None) -> str:
     return f"{value / target:.2f}x" if target else "–"
 
 
+@dataclass(frozen=True)
+class AppleCost:
+    """One torch2coreml process's wall time and peaks (bytes); ``error`` is its last output line if it failed."""
+
+    run: AppleRun
+    seconds: float
+    peak_rss: int
+    peak_anonymous: int
+    error: str | None
+
+
+def run_apple(checkout: Path, runs: list[AppleRun], logs: Path) -> list[AppleCost]:
+    """Run torch2coreml's processes one after another, each measured alone.
+
+    Args:
+        checkout: the apple/ml-stable-diffusion clone.
+        runs: the processes (:func:`apple_baseline.apple_plan`).
+        logs: a folder for their output (it is long: coremltools' progress and warnings).
+
+    Returns:
+        Their costs, in order.
+    """
+    # The tree sum that the publish's stages sample (publisher.monitor), here over the child's tree alone:
+    # this process's own memory is not the converter's.
+    from publisher.monitor import _tree_rss
+
+    logs.mkdir(parents=True, exist_ok=True)
+    costs = []
+    for run in runs:
+        log = logs / f"{run.label.replace(' ', '-')}.log"
+        started = time.perf_counter()
+        with log.open("w") as output:
+            child = psutil.Popen([sys.executable, *run.args], env=converter_env(checkout), stdout=output,
+                                 stderr=subprocess.STDOUT)
+            with tree_peak(_tree_rss, child) as rss, tree_peak(_anonymous_rss, child) as anonymous:
+                child.wait()
+        seconds = time.perf_counter() - started
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        error = (lines[-1].strip() if lines else f"exit status {child.returncode}") if child.returncode else None
+        costs.append(AppleCost(run, seconds, rss[0], anonymous[0], error))
+        print(f"Apple's torch2coreml, {run.label}: {seconds:.0f} s, peak RSS {rss[0] / GB:.2f} GB"
+              + (f", failed: {error}" if error else ""), file=sys.stderr)
+    return costs
+
+
+def print_apple(ours: StageCost, ours_anonymous: int, costs: list[AppleCost], shared_flags: str,
+                unmatched: list[str]) -> None:
+    """The publish's whole run beside Apple's processes, one row each, and the ratios of the totals."""
+    print(f"\nApple's torch2coreml on the same weights, one process per component, all with {shared_flags}:\n")
+    print("| run | wall (s) | peak RSS (GB) | peak anonymous RSS (GB) |")
+    print("|---|---:|---:|---:|")
+    print(f"| ours: the whole publish (conversion, compression, parity, images, card) | {ours.seconds:.0f} | "
+          f"{ours.peak_rss_bytes / GB:.2f} | {ours_anonymous / GB:.2f} |")
+    for cost in costs:
+        wall = f"{cost.seconds:.0f}" + (f" (failed: {cost.error})" if cost.error else "")
+        print(f"| Apple: {cost.run.label} (`{cost.run.flags}`) | {wall} | {cost.peak_rss / GB:.2f} | "
+              f"{cost.peak_anonymous / GB:.2f} |")
+    # The processes run one after another: their times add up, their peaks do not.
+    seconds = sum(cost.seconds for cost in costs)
+    peak = max(cost.peak_rss for cost in costs)
+    anonymous = max(cost.peak_anonymous for cost in costs)
+    print(f"| **Apple: {len(costs)} processes** (times summed, the largest peak) | **{seconds:.0f}** | "
+          f"**{peak / GB:.2f}** | **{anonymous / GB:.2f}** |")
+    print(f"\nours / Apple: wall {ratio(ours.seconds, seconds)}, peak RSS {ratio(ours.peak_rss_bytes, peak)}, "
+          f"peak anonymous RSS {ratio(ours_anonymous, anonymous)}")
+    if unmatched:
+        print(f"not matched by torch2coreml's flags: {'; '.join(unmatched)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", type=Path, help="a shipped recipe, e.g. recipes/stable-diffusion-v1-5.yaml")
@@ -151,12 +246,21 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", help="keep only these attention variants of the recipe")
     parser.add_argument("--memory-limit", type=float, metavar="GB", help="run inside a memory cgroup of this size")
     parser.add_argument("--out", type=Path, help="keep the published folder here (default: removed with the run)")
+    parser.add_argument("--apple-baseline", type=Path, metavar="CHECKOUT",
+                        help="then run Apple's torch2coreml from this apple/ml-stable-diffusion clone on the same "
+                             "weights and print it beside the publish (benchmarks/apple_baseline.py)")
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.apple_baseline:
+        # Before the publish: a baseline that cannot run says so now, not minutes later.
+        if yaml.safe_load(args.recipe.read_text()).get("task") == "text-generation":
+            raise SystemExit("--apple-baseline: Apple's torch2coreml converts diffusion pipelines, not language models")
+        check_converter(args.apple_baseline)
 
     from publisher.cache import StageCache
     from publisher.monitor import Monitor
     from publisher.pipeline import publish
+    from publisher.recipe import load_recipe
 
     configs = args.configs or ROOT / "configs" / CONFIGS[args.recipe.stem]
     wall_target, peak_target = TARGETS.get(args.recipe.stem, (None, None))
@@ -167,11 +271,16 @@ def main() -> None:
         monitor = Monitor()
         with ExitStack() as stack:
             group = stack.enter_context(memory_cgroup(args.memory_limit * GB)) if args.memory_limit else None
-            with monitor.stage("whole run"), anonymous_peak() as anonymous:
+            with monitor.stage("whole run"), tree_peak(_anonymous_rss) as anonymous:
                 report = publish(recipe, args.out or Path(work) / "out", cache=StageCache(Path(work) / "cache"))
             if group is not None:
                 charged = int((group / "memory.max_usage_in_bytes").read_text())
                 hits = int((group / "memory.failcnt").read_text())
+        if args.apple_baseline:
+            published = load_recipe(recipe)
+            view = fp16_view(published.source.path, Path(work) / "apple-source")
+            plan = apple_plan(published, report, view, Path(work) / "apple")
+            apple = run_apple(args.apple_baseline, plan.runs, Path(work) / "apple-logs")
     total = monitor.costs[-1]
 
     print(f"\nmachine: {machine()}")
@@ -198,6 +307,12 @@ def main() -> None:
         wall = f"{ratio(total.seconds, wall_target)} of {wall_target} s" if wall_target else "none"
         peak = f"{ratio(total.peak_rss_bytes, peak_target)} of {peak_target / GB:.0f} GB" if peak_target else "none"
         print(f"\nrun / target: wall {wall}, peak RSS {peak}")
+    if args.apple_baseline:
+        print_apple(total, anonymous[0], apple, plan.shared_flags, plan.unmatched)
+        failed = [cost.run.label for cost in apple if cost.error]
+        if failed:
+            raise SystemExit(f"Apple's torch2coreml failed on {', '.join(failed)} (its error is in the table): "
+                             "its totals above stop at the failure")
 
 
 if __name__ == "__main__":

@@ -549,11 +549,14 @@ def _window_passes(cand: np.ndarray, prefixes: list[np.ndarray]) -> list[tuple[n
     c0, c1, c2 = np.stack([prefix[:, positions] for prefix, positions in zip(prefixes, cand, strict=True)], axis=1)
     # steps[g, j, b, a]: cost of the cluster between candidate a of boundary j and candidate b of
     # boundary j + 1, laid out so that the minimum over a runs along the contiguous axis.
-    d0 = c0[:, 1:, :, None] - c0[:, :-1, None, :]
-    d1 = c1[:, 1:, :, None] - c1[:, :-1, None, :]
+    # (s2 - s1 * s1 / s0) of each cluster, computed in place: these tables are most of a pass's time.
+    steps = c2[:, 1:, :, None] - c2[:, :-1, None, :]
+    spread = c1[:, 1:, :, None] - c1[:, :-1, None, :]
+    np.multiply(spread, spread, out=spread)
     with np.errstate(divide="ignore", invalid="ignore"):
-        steps = (c2[:, 1:, :, None] - c2[:, :-1, None, :]) - d1 * d1 / d0
-    steps[cand[:, 1:, :, None] <= cand[:, :-1, None, :]] = np.inf
+        np.divide(spread, c0[:, 1:, :, None] - c0[:, :-1, None, :], out=spread)
+    np.subtract(steps, spread, out=steps)
+    np.copyto(steps, np.inf, where=cand[:, 1:, :, None] <= cand[:, :-1, None, :])
     best = c2[:, 0] - c1[:, 0] * c1[:, 0] / c0[:, 0]
     choice = np.empty(steps.shape[:3], dtype=np.intp)
     for j in range(boundaries - 1):
