@@ -153,12 +153,20 @@ def palettize_groups(groups: list[np.ndarray], nbits: int) -> list[tuple[np.ndar
     :func:`_solve`): a grouped weight has up to hundreds of groups, and coremltools' own loop calls
     the LUT function once per group.
 
+    Args:
+        groups: finite numeric arrays, each palettized on its own.
+        nbits: one of ``PALETTIZE_NBITS``.
+
+    Returns:
+        ``palettize(group, nbits)`` of each group, in order.
+
     Raises:
         ValueError: as :func:`palettize`, for any group.
     """
     if nbits not in PALETTIZE_NBITS:
         raise ValueError(f"nbits must be one of {PALETTIZE_NBITS}, got {nbits}")
-    shards = [list(shard) for shard in np.array_split(np.arange(len(groups)), min(len(groups), _WORKERS)) if shard.size]
+    shards = [list(shard) for shard in np.array_split(np.arange(len(groups)), max(1, min(len(groups), _WORKERS)))
+              if shard.size]
     if len(shards) < 2:
         return _palettize_shard(groups, nbits)
     # numpy and kmeans1d release the GIL in their loops, so threads share the cores; each shard

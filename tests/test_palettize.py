@@ -267,6 +267,7 @@ def test_groups_palettized_together_equal_groups_palettized_alone(nbits, dtype):
     groups = [(rng.standard_t(3, (8, 700)) * 0.01).astype(dtype) for _ in range(6)]
     groups += [np.full((8, 700), 0.5, dtype), (rng.standard_normal((8, 700)) * 0.02).astype(dtype)]
     together = palettize_groups(groups, nbits)
+    assert palettize_groups([], nbits) == []
     for group, (lut, indices) in zip(groups, together, strict=True):
         alone = palettize(group, nbits)
         assert lut.dtype == alone[0].dtype and lut.tobytes() == alone[0].tobytes()
