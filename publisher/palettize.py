@@ -56,9 +56,8 @@ _F16_ORDER = np.concatenate([np.arange(0xFBFF, 0x8000, -1), np.arange(0, 0x7C00)
 _F16_SORTED = _F16_ORDER.astype(np.uint16).view(np.float16).astype(np.float64)
 _F16_NEG_ZERO = 0x8000
 
-# Threads that share a weight's channel groups, or the passes over a large tensor's elements.
+# Threads that share a weight's channel groups.
 _WORKERS = os.cpu_count() or 1
-_PARALLEL_ELEMENTS = 1 << 20
 
 # coremltools 9.0 ships Apple's weighted build of kmeans1d (exact 1-D k-means in C++); it is
 # called directly so that arrays cross without the Python-list conversion of its wrapper.
@@ -184,20 +183,6 @@ def _palettize_shard(groups: list[np.ndarray], nbits: int) -> list[tuple[np.ndar
     return [h.palette(next(found) if h.values.size > k else None, k) for h in histograms]
 
 
-def _in_parts(size: int, function: Callable[[int, int], Any]) -> list[Any]:
-    """``function(start, stop)`` over consecutive parts of ``range(size)``, on all cores when large.
-
-    numpy releases the GIL in its loops: a 14.7 M-element UNet weight's histogram and index lookup
-    are each a pass over memory that one core does not saturate.
-    """
-    parts = _WORKERS if size >= _PARALLEL_ELEMENTS else 1
-    if parts < 2:
-        return [function(0, size)]
-    bounds = [size * part // parts for part in range(parts + 1)]
-    with ThreadPoolExecutor(max_workers=parts) as pool:
-        return list(pool.map(function, bounds[:-1], bounds[1:]))
-
-
 class _Histogram:
     """The sorted distinct values of a tensor, their counts, and the way back to its elements."""
 
@@ -215,8 +200,7 @@ class _Histogram:
             raise ValueError("cannot palettize an empty tensor")
         if weight.dtype == np.float16:
             patterns = np.ascontiguousarray(weight).view(np.uint16).reshape(-1)
-            counts = sum(_in_parts(patterns.size, lambda start, stop: np.bincount(patterns[start:stop],
-                                                                                   minlength=1 << 16)))
+            counts = np.bincount(patterns, minlength=1 << 16)
             if counts[0x7C00:0x8000].any() or counts[0xFC00:].any():
                 raise ValueError("cannot palettize a tensor with inf or NaN values")
             counts[0] += counts[_F16_NEG_ZERO]
@@ -227,10 +211,7 @@ class _Histogram:
                 table = np.zeros(1 << 16, dtype=np.uint8)
                 table[_F16_ORDER[present]] = cluster
                 table[_F16_NEG_ZERO] = table[0]
-                indices = np.empty(patterns.size, dtype=np.uint8)
-                _in_parts(patterns.size, lambda start, stop: np.take(table, patterns[start:stop],
-                                                                     out=indices[start:stop]))
-                return indices
+                return np.take(table, patterns)
 
             return cls(weight, _F16_SORTED[present], sorted_counts[present], elements)
         if not np.issubdtype(weight.dtype, np.number) or np.iscomplexobj(weight):

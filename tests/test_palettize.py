@@ -274,18 +274,6 @@ def test_groups_palettized_together_equal_groups_palettized_alone(nbits, dtype):
         assert indices.tobytes() == alone[1].tobytes()
 
 
-def test_a_large_tensor_split_among_threads_gives_the_same_bytes(monkeypatch):
-    import publisher.palettize as module
-
-    weight = tensor("normal", 300_000, seed=13)
-    whole, counts = palettize(weight, 6), module._Histogram.of(weight).counts
-    monkeypatch.setattr(module, "_PARALLEL_ELEMENTS", 1000)
-    monkeypatch.setattr(module, "_WORKERS", 3)
-    parts = palettize(weight, 6)
-    assert parts[0].tobytes() == whole[0].tobytes() and parts[1].tobytes() == whole[1].tobytes()
-    assert np.array_equal(module._Histogram.of(weight).counts, counts)
-
-
 @pytest.mark.parametrize("weight", [
     tensor("student_t3", 40_000, seed=14),
     tensor("normal", 5000, seed=15).astype(np.float32),
