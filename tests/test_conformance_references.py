@@ -316,3 +316,158 @@ def test_ios15_crop_resize_inverted_box_expects_the_whole_image(monkeypatch):
     whole = torch.nn.functional.interpolate(image, size=(2, 2), mode="bilinear", align_corners=False)
     np.testing.assert_allclose(call.expected[0].reshape(2, 2), whole.numpy().reshape(2, 2))
     np.testing.assert_array_equal(call.predict()[0], np.zeros((1, 1, 1, 2, 2)))
+
+
+# ============================================================================ fp16 programs, fp32 backend
+#
+# conv, conv_transpose, instance_norm and l2_norm with `x_weight_dtype` / `x_param_dtype` fp16 on the
+# fp32 backend declare fp16 inputs, weights and outputs, and compare with atol 1e-4 against values
+# that are not the fp16 program's: conv's and conv_transpose's come from torch in fp32 on the
+# unrounded weights and input (then cast to fp16), instance_norm's are the exact values of the
+# (integer, so fp16-exact) input, l2_norm's are computed in numpy fp16 arithmetic. An fp16 output
+# can only be the exact value rounded to fp16, a step of which (2.4e-4 to 9.8e-4 between 0.25 and 1)
+# is wider than the tolerance. As for recurrent: the fp32 twin validates the float64 recomputation,
+# and the fp16 executor equals the recomputation from the package's contents to fp16 precision.
+
+
+def _spatial_pads(op: Any) -> list[tuple[int, int]]:
+    flat = [int(p) for p in op.pad.val]
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _conv_f64(op: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = torch.from_numpy(inputs["x"].astype(np.float64))
+    weight = torch.from_numpy(np.asarray(op.weight.val, dtype=np.float64))
+    bias = None if op.bias is None else torch.from_numpy(np.asarray(op.bias.val, dtype=np.float64))
+    pads = _spatial_pads(op)
+    dims = len(pads)
+    strides, dilations = [int(s) for s in op.strides.val], [int(d) for d in op.dilations.val]
+    groups = int(op.groups.val)
+    if op.op_type == "conv":
+        padded = torch.nn.functional.pad(x, [p for pair in reversed(pads) for p in pair])
+        conv = getattr(torch.nn.functional, f"conv{dims}d")
+        return [conv(padded, weight, bias, strides, 0, dilations, groups).numpy()]
+    # conv_transpose: the full transposed convolution, cropped by the pads.
+    transpose = getattr(torch.nn.functional, f"conv_transpose{dims}d")
+    full = transpose(x, weight, bias, strides, 0, 0, groups, dilations)
+    crop = tuple(slice(before, size - after) for (before, after), size in zip(pads, full.shape[2:], strict=True))
+    return [full[(..., *crop)].numpy()]
+
+
+def _instance_norm_f64(op: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = inputs["x"].astype(np.float64)
+    axes = tuple(range(2, x.ndim))
+    centred = x - x.mean(axis=axes, keepdims=True)
+    return [centred / np.sqrt((centred**2).mean(axis=axes, keepdims=True) + float(op.epsilon.val))]
+
+
+def _l2_norm_f64(op: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = inputs["x"].astype(np.float64)
+    flat = x.reshape(int(np.prod(x.shape[:-3])), -1)
+    return [(flat / np.sqrt((flat**2).sum(axis=1, keepdims=True) + float(op.epsilon.val))).reshape(x.shape)]
+
+
+CONV_WITH_BIAS_AND_GROUPS = {
+    "padding": (2, 2, 2),
+    "DHWKdKhKw": (5, 5, 5, 2, 2, 2),
+    "stride": (2, 1, 1),
+    "dilation": (1, 1, 1),
+    "has_bias": True,
+    "groups": 2,
+    "symbolic": False,
+}
+CONV_TRANSPOSE_DILATED = {
+    "padding": (1, 2, 3),
+    "DHWKdKhKw": (7, 7, 7, 2, 2, 2),
+    "stride": (2, 2, 2),
+    "dilation": (2, 1, 1),
+    "has_bias": True,
+    "groups": 1,
+    "test_symbolic": True,
+    "test_output_shape": False,
+}
+# One failing parametrization of each family from the full run (conformance/README.md), as the op test
+# builds it; `dt` is the (input, weight) dtype pair.
+FP16_PROGRAMS = {
+    "conv2d": ("conv", "test_conv", _conv_f64, lambda m, be, dt: m.TestConv().test_builder_to_backend_stress(
+        CPU, be, "conv2d", CONV_WITH_BIAS_AND_GROUPS, dt)),
+    "conv_transpose3d": ("conv_transpose", "test_conv", _conv_f64,
+        lambda m, be, dt: m.TestConvTranspose().test_builder_to_backend_stress(
+            CPU, be, "conv3d", CONV_TRANSPOSE_DILATED, dt)),
+    "instance_norm": ("instance_norm", "test_normalization", _instance_norm_f64,
+        lambda m, be, dt: m.TestNormalizationInstanceNorm().test_builder_to_backend_smoke(CPU, be, dt)),
+    "l2_norm-rank4": ("l2_norm", "test_normalization", _l2_norm_f64,
+        lambda m, be, dt: m.TestNormalizationL2Norm().test_builder_to_backend_stress(CPU, be, 4, 1e-4, dt)),
+}  # fmt: skip
+
+
+def _fp16_program_case(request: pytest.FixtureRequest, dtype: type) -> Captured:
+    _, module_name, _, run_test = request.param
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    module = __import__(f"coremltools.converters.mil.mil.ops.tests.iOS14.{module_name}", fromlist=["_"])
+    # The tests draw from numpy's and torch's global generators: seeded, both twins hold the same draws.
+    np.random.seed(17)
+    torch.manual_seed(17)
+    (captured,) = _capture(monkeypatch, module, lambda: run_test(module, _backend(ct.target.iOS15), (dtype, dtype)))
+    return captured
+
+
+@pytest.fixture(params=list(FP16_PROGRAMS.values()), ids=list(FP16_PROGRAMS))
+def fp16_program(request: pytest.FixtureRequest) -> tuple[str, Any, Captured, Captured]:
+    op_type, _, recompute, _ = request.param
+    return op_type, recompute, _fp16_program_case(request, np.float32), _fp16_program_case(request, np.float16)
+
+
+def test_fp16_program_fp32_twin_validates_the_float64_recomputation(fp16_program):
+    op_type, recompute, fp32, _ = fp16_program
+    for ours, executor, expected in zip(recompute(fp32.op(op_type), fp32.inputs), fp32.predict(), fp32.expected,
+                                        strict=True):  # fmt: skip
+        np.testing.assert_allclose(ours, expected, atol=ATOL, rtol=RTOL)
+        np.testing.assert_allclose(executor, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_fp16_program_reference_is_out_of_reach_of_the_fp16_package(fp16_program):
+    op_type, recompute, _, fp16 = fp16_program
+    op = fp16.op(op_type)
+    assert op.outputs[0].dtype == ct.converters.mil.mil.types.fp16  # the op computes and returns fp16
+    recomputed = recompute(op, fp16.inputs)
+    for ours, out in zip(recomputed, fp16.predict(), strict=True):
+        # The executor is the exact computation on the package's contents, rounded to fp16.
+        np.testing.assert_allclose(out, ours, rtol=FP16_ULP, atol=2.0**-24)
+    best = [ours.astype(np.float16) for ours in recomputed]
+    assert not all(_within_test_tolerance(b, e) for b, e in zip(best, fp16.expected, strict=True))
+
+
+# ============================================================================ local_response_norm smoke
+
+
+def _lrn_f64(x: np.ndarray, size: int, alpha: float, beta: float, k: float, before: int, after: int) -> np.ndarray:
+    """local_response_norm with a window of `before` channels before and `after` after each channel."""
+    squares = np.pad(x.astype(np.float64) ** 2, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
+    window = sum(squares[:, i : i + x.shape[1]] for i in range(before + after + 1))
+    return x / (k + alpha / size * window) ** beta
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_local_response_norm_smoke_expects_no_neighbouring_channel_where_the_stress_test_does(monkeypatch, size):
+    """The smoke test's hand-written values (sizes 2 and 3, on a (1, 3, 2) input) divide each element
+    by its own square only, as if no neighbouring channel were in the window; the stress test's
+    reference, torch's LocalResponseNorm, sums size // 2 channels before and (size - 1) // 2 after.
+    No window meets both; the executor follows the stress test, whose rows all pass."""
+    from coremltools.converters.mil.mil.ops.tests.iOS14 import test_normalization
+
+    lrn = test_normalization.TestNormalizationLocalResponseNorm()
+    backend = _backend(ct.target.iOS15)
+    (smoke,) = _capture(monkeypatch, test_normalization, lambda: lrn.test_builder_to_backend_smoke(CPU, backend))
+    np.random.seed(17)
+    (stress,) = _capture(monkeypatch, test_normalization, lambda: lrn.test_builder_to_backend_stress(
+        CPU, backend, 4, size, 0.01, 0.75, 1.0, (np.float32, np.float32)))  # fmt: skip
+    torch_window = (size // 2, (size - 1) // 2)
+    x, expected = smoke.inputs["x"], smoke.expected[size - 2]
+    own_only = _lrn_f64(x, size, 1e-4, 0.75, 1.0, 0, 0)  # alpha: the smoke's (the default for size 2)
+    np.testing.assert_allclose(own_only, expected, atol=ATOL, rtol=RTOL)
+    assert not _within_test_tolerance(_lrn_f64(x, size, 1e-4, 0.75, 1.0, *torch_window), expected)
+    x, expected = stress.inputs["x"], stress.expected[0]
+    np.testing.assert_allclose(_lrn_f64(x, size, 0.01, 0.75, 1.0, *torch_window), expected, atol=ATOL, rtol=RTOL)
+    assert not _within_test_tolerance(_lrn_f64(x, size, 0.01, 0.75, 1.0, 0, 0), expected)
+    np.testing.assert_allclose(stress.predict()[0], stress.expected[0], atol=ATOL, rtol=RTOL)
