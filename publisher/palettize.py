@@ -183,6 +183,30 @@ def _palettize_shard(groups: list[np.ndarray], nbits: int) -> list[tuple[np.ndar
     return [h.palette(next(found) if h.values.size > k else None, k) for h in histograms]
 
 
+# np.bincount and np.take first widen a uint16 index array to intp, 8 bytes an element, in memory; chunk
+# by chunk the widened copy stays in cache. On a 14.7 M-element tensor: bincount 53 -> 24 ms, the
+# index lookup 40 -> 15 ms (per-tensor palettization of the SD 1.5 UNet spends most of its time in them).
+_COUNT_CHUNK = 1 << 20
+_LOOKUP_CHUNK = 1 << 16
+
+
+def _bincount16(patterns: np.ndarray) -> np.ndarray:
+    """``np.bincount(patterns, minlength=65536)`` of uint16 ``patterns``."""
+    counts = np.zeros(1 << 16, dtype=np.intp)
+    for start in range(0, patterns.size, _COUNT_CHUNK):
+        counts += np.bincount(patterns[start : start + _COUNT_CHUNK], minlength=1 << 16)
+    return counts
+
+
+def _lookup16(table: np.ndarray, patterns: np.ndarray) -> np.ndarray:
+    """``np.take(table, patterns)`` of uint16 ``patterns``."""
+    out = np.empty(patterns.size, dtype=table.dtype)
+    for start in range(0, patterns.size, _LOOKUP_CHUNK):
+        stop = start + _LOOKUP_CHUNK
+        np.take(table, patterns[start:stop], out=out[start:stop])
+    return out
+
+
 class _Histogram:
     """The sorted distinct values of a tensor, their counts, and the way back to its elements."""
 
@@ -200,7 +224,7 @@ class _Histogram:
             raise ValueError("cannot palettize an empty tensor")
         if weight.dtype == np.float16:
             patterns = np.ascontiguousarray(weight).view(np.uint16).reshape(-1)
-            counts = np.bincount(patterns, minlength=1 << 16)
+            counts = _bincount16(patterns)
             if counts[0x7C00:0x8000].any() or counts[0xFC00:].any():
                 raise ValueError("cannot palettize a tensor with inf or NaN values")
             counts[0] += counts[_F16_NEG_ZERO]
@@ -211,7 +235,7 @@ class _Histogram:
                 table = np.zeros(1 << 16, dtype=np.uint8)
                 table[_F16_ORDER[present]] = cluster
                 table[_F16_NEG_ZERO] = table[0]
-                return np.take(table, patterns)
+                return _lookup16(table, patterns)
 
             return cls(weight, _F16_SORTED[present], sorted_counts[present], elements)
         if not np.issubdtype(weight.dtype, np.number) or np.iscomplexobj(weight):

@@ -14,6 +14,7 @@ from coremltools.converters.mil.frontend.milproto.load import load as load_milpr
 from coremltools.optimize import _utils as coremltools_utils
 from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
 
+from publisher import palettize as palettize_module
 from publisher.coremltools_fixes import install_coremltools_fixes, pack_bits
 from publisher.palettize import (
     _grid,
@@ -324,6 +325,23 @@ def test_grid_is_the_searched_grid():
         for case in (coord, np.repeat(coord, 2)):  # and repeated values
             searched = np.searchsorted(case, np.arange(cells + 1) / cells)
             assert np.array_equal(_grid(case, cells), np.unique(searched))
+
+
+def test_chunked_histogram_and_lookup_equal_whole_array_ones(monkeypatch):
+    # Chunks of 1,000 and 700 elements over 10,007: several full chunks and a short last one.
+    rng = np.random.default_rng(11)
+    weight = (rng.standard_t(3, 10_007) * 0.02).astype(np.float16)
+    weight[:5] = [0.0, -0.0, 65504.0, -65504.0, 2.0**-24]
+    whole = palettize(weight, 6)
+    monkeypatch.setattr(palettize_module, "_COUNT_CHUNK", 1_000)
+    monkeypatch.setattr(palettize_module, "_LOOKUP_CHUNK", 700)
+    chunked = palettize(weight, 6)
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    patterns = weight.view(np.uint16)
+    np.testing.assert_array_equal(palettize_module._bincount16(patterns), np.bincount(patterns, minlength=1 << 16))
+    table = rng.integers(0, 64, 1 << 16).astype(np.uint8)
+    np.testing.assert_array_equal(palettize_module._lookup16(table, patterns), np.take(table, patterns))
 
 
 def unpack_lsb_first(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:

@@ -131,13 +131,17 @@ def attention(
     same_batch = q.dim() == keys.dim() == values.dim() and q.shape[:-2] == keys.shape[:-2] == values.shape[:-2]
     if not rounded and same_batch and q.dtype == keys.dtype == values.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, keys, values, scale=1.0)
-    keys_t = keys.transpose(-1, -2).float()
-    values = values.float()
+    # Contiguous once: the program's q, k and v are head-split views ([B, L, H, D] read as [B, H, L, D]),
+    # which matmul cannot batch without copying them, and it would copy k and v again for every block
+    # (0.57 -> 0.36 s for one of SD 1.5's 4096-token self-attentions).
+    keys_t = keys.transpose(-1, -2).float().contiguous()
+    values = values.float().contiguous()
+    q = q.float().contiguous()
     batch = math.prod(torch.broadcast_shapes(q.shape[:-2], keys_t.shape[:-2]))
     rows = max(1, _SCORES_PER_BLOCK // max(1, batch * keys_t.shape[-1]))
     blocks = []
     for start in range(0, q.shape[-2], rows):
-        scores = torch.matmul(q[..., start : start + rows, :].float(), keys_t)
+        scores = torch.matmul(q[..., start : start + rows, :], keys_t)
         if rounded:
             # As the ops do: the first matmul's result rounded, softmax on it as held (torch's
             # half softmax computes in fp32 and rounds once), its result rounded.
