@@ -70,3 +70,35 @@ def test_a_broken_executor_op_fails_the_op_tests_that_use_it(monkeypatch):
         ("sub", "fp16"): "passed",
         ("sub", "fp32"): "passed",
     }
+
+
+class _Selection:
+    """Keeps the node ids a nested pytest run selected."""
+
+    nodeids: list[str]
+
+    def pytest_collection_finish(self, session: Any) -> None:
+        self.nodeids = [item.nodeid for item in session.items]
+
+
+def _selected(*args: str) -> list[str]:
+    selection = _Selection()
+    path = str(OP_TESTS / "iOS14" / "test_elementwise_binary.py")
+    code = pytest.main(["-p", "conformance.plugin", "--collect-only", "-q", "-p", "no:cacheprovider", path, *args],
+                       plugins=[selection])  # fmt: skip
+    assert code == 0
+    return selection.nodeids
+
+
+def test_shards_split_the_selection_between_them():
+    whole = _selected()
+    first, second = _selected("--conformance-shard", "0/2"), _selected("--conformance-shard", "1/2")
+    assert len(whole) > 10
+    assert first == whole[0::2] and second == whole[1::2]
+
+
+@pytest.mark.parametrize("shard", ["2/2", "1", "a/2", "-1/2"])
+def test_a_bad_shard_is_a_usage_error(shard):
+    code = pytest.main(["-p", "conformance.plugin", "--collect-only", "-q", "--conformance-shard", shard,
+                        str(OP_TESTS / "iOS14" / "test_elementwise_binary.py")])  # fmt: skip
+    assert code == pytest.ExitCode.USAGE_ERROR
