@@ -451,6 +451,8 @@ ROUNDED = {
         "conv_transpose", "iOS17.test_conv", iOS17, _conv_f64, _conv_transpose("conv3d"), (F32, F16)),
     "iOS17-instance_norm-fp16-input": RoundedCase(
         "instance_norm", "iOS17.test_normalization", iOS17, _instance_norm_f64, _instance_norm, (F16, F32)),
+    "iOS17-l2_norm-fp16-input": RoundedCase(
+        "l2_norm", "iOS17.test_normalization", iOS17, _l2_norm_f64, _l2_norm, (F16, F32)),
     "iOS17-instance_norm-fp16-gamma-beta": RoundedCase(
         "instance_norm", "iOS17.test_normalization", iOS17, _instance_norm_f64, _instance_norm_gamma_beta, (F32, F16)),
 }  # fmt: skip
