@@ -540,13 +540,14 @@ def test_local_response_norm_smoke_expects_no_neighbouring_channel_where_the_str
 # ============================================================================ iOS18 sparse constexprs, fp16 data
 
 
-@pytest.mark.parametrize("op_type", ["constexpr_sparse_to_dense", "constexpr_lut_to_sparse"])
+@pytest.mark.parametrize("op_type", ["constexpr_sparse_to_dense", "constexpr_lut_to_sparse", "joint"])
 def test_sparse_constexpr_reference_adds_in_fp16_where_the_program_adds_in_fp32(monkeypatch, op_type):
-    """iOS18 constexpr_sparse_to_dense / constexpr_lut_to_sparse stress, fp32 backend, fp16 data or
-    LUT: the program casts the decompressed fp16 values to fp32 and adds the fp32 input (ones), but
-    the expected values are `decompress(...) + 1` in numpy fp16 arithmetic, the sum rounded to fp16
-    (a step of 9.8e-4 between 1 and 2). The fp32 sum, which the executor returns, misses them
-    by up to half a step; the same test with fp32 data passes."""
+    """iOS18 constexpr_sparse_to_dense / constexpr_lut_to_sparse stress and their joint use
+    (TestJointCompressionOps.test_sparse_lut), fp32 backend, fp16 data or LUT: the program casts
+    the decompressed fp16 values to fp32 and adds the fp32 input (ones), but the expected values
+    are `decompress(...) + 1` in numpy fp16 arithmetic, the sum rounded to fp16 (a step of 9.8e-4
+    between 1 and 2). The fp32 sum, which the executor returns, misses them by up to half a step;
+    the same test with fp32 data passes."""
     from coremltools.converters.mil.mil.ops.defs.iOS18 import compression
     from coremltools.converters.mil.mil.ops.tests.iOS18 import test_compression
 
@@ -556,23 +557,27 @@ def test_sparse_constexpr_reference_adds_in_fp16_where_the_program_adds_in_fp32(
         if op_type == "constexpr_sparse_to_dense":
             test = lambda: test_compression.TestConstexprSparseToDense().test_builder_to_backend_stress(  # noqa: E731
                 CPU, backend, 0.5, dtype)
-        else:
+        elif op_type == "constexpr_lut_to_sparse":
             test = lambda: test_compression.TestConstexprLutToSparse().test_builder_to_backend_stress(  # noqa: E731
                 CPU, backend, 2, (0, 1, 1, 1), 1, 0.5, dtype)
+        else:
+            test = lambda: test_compression.TestJointCompressionOps().test_sparse_lut(  # noqa: E731
+                CPU, backend, 2, (0, 2, 0, 0), 1, 0.5, dtype)
         (captured,) = _capture(monkeypatch, test_compression, test)
         return captured
 
     def exact_sum(captured: Captured) -> np.ndarray:
-        op = captured.op(op_type)
         assert captured.op("add").outputs[0].dtype == ct.converters.mil.mil.types.fp32
         if op_type == "constexpr_sparse_to_dense":
-            data = op.nonzero_data.val.astype(np.float64)
-            dense = compression.constexpr_sparse_to_dense.decompress(data, op.mask.val)
-        else:
-            axis = None if op.vector_axis is None else op.vector_axis.val
-            dense = compression.constexpr_lut_to_sparse.decompress(
-                op.indices_mask.val, op.indices_nonzero_data.val, op.lut.val.astype(np.float64), axis)[1]  # fmt: skip
-        return dense + 1
+            op = captured.op(op_type)
+            return compression.constexpr_sparse_to_dense.decompress(op.nonzero_data.val.astype(np.float64),
+                                                                    op.mask.val) + 1  # fmt: skip
+        op = captured.op("constexpr_lut_to_sparse")
+        axis = None if op.vector_axis is None else op.vector_axis.val
+        mask, data = compression.constexpr_lut_to_sparse.decompress(
+            op.indices_mask.val, op.indices_nonzero_data.val, op.lut.val.astype(np.float64), axis)  # fmt: skip
+        return (data if op_type == "constexpr_lut_to_sparse" else
+                compression.constexpr_sparse_to_dense.decompress(data, mask)) + 1  # fmt: skip
 
     fp32 = run_test("fp32")
     np.testing.assert_allclose(fp32.predict()[0], fp32.expected[0], atol=ATOL, rtol=RTOL)
