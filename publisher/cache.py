@@ -27,7 +27,7 @@ import psutil
 
 from publisher.report import tool_versions
 
-STAGES = ("source", "convert", "compress", "chunk", "reference", "parity", "images")
+STAGES = ("source", "convert", "analysis", "compress", "chunk", "reference", "parity", "images")
 META = "entry.json"
 SHARED_MEMORY = Path("/dev/shm")
 # multiprocessing names its semaphores /mp-<random>; joblib's loky, once imported (coremltools imports

@@ -24,7 +24,7 @@ from coremltools.optimize.coreml import (
 
 from publisher.components import component_spec
 from publisher.coremltools_fixes import install_coremltools_fixes
-from publisher.mixed_bit import Calibration, MixedBitRecipe, build_recipe
+from publisher.mixed_bit import Analysis, Calibration, MixedBitRecipe, analyze, build_recipe
 from publisher.package_weights import SKIPPED_OP_TYPES, Weight, program_weights
 from publisher.palettize import palettize_config
 from publisher.recipe import Override, Palettize, Prune, Quantize, Scheme
@@ -122,9 +122,19 @@ def pruner_config(prune: Prune, weight_threshold: int):
     return OpMagnitudePrunerConfig(target_sparsity=prune.sparsity, weight_threshold=weight_threshold)
 
 
-def mixed_recipe(package: Path, scheme: Scheme, component: str,
-                 calibration: Calibration | None) -> MixedBitRecipe:
-    """The stored mixed-bit recipe of ``scheme``, or one built now for its target on ``calibration``."""
+def mixed_analysis(package: Path, scheme: Scheme, calibration: Calibration) -> Analysis:
+    """The mixed-bit pre-analysis of ``package`` for ``scheme``: what every target is allocated from."""
+    mixed = scheme.palettize.mixed if scheme.palettize else None
+    if mixed is None:
+        raise ValueError("the scheme has no mixed-bit palettization")
+    overridden = matched_weights(program_weights(package), scheme.overrides)
+    return analyze(package, calibration, scheme.weight_threshold, mixed.candidates, mixed.groups, exclude=overridden)
+
+
+def mixed_recipe(package: Path, scheme: Scheme, component: str, calibration: Calibration | None,
+                 analysis: Analysis | None = None) -> MixedBitRecipe:
+    """The stored mixed-bit recipe of ``scheme``, or one built now for its target on ``calibration``
+    (from ``analysis`` when given: see :func:`mixed_analysis`)."""
     mixed = scheme.palettize.mixed if scheme.palettize else None
     if mixed is None:
         raise ValueError("the scheme has no mixed-bit palettization")
@@ -132,10 +142,9 @@ def mixed_recipe(package: Path, scheme: Scheme, component: str,
         return MixedBitRecipe.load(mixed.recipe)
     if calibration is None:
         raise ValueError("a mixed-bit target needs calibration inputs (publisher.mixed_bit.calibration)")
-    overridden = matched_weights(program_weights(package), scheme.overrides)
+    analysis = analysis or mixed_analysis(package, scheme, calibration)
     return build_recipe(package, calibration, component, target_bits=mixed.target_bits,
-                        target_psnr=mixed.target_psnr, weight_threshold=scheme.weight_threshold,
-                        candidates=mixed.candidates, groups=mixed.groups, exclude=overridden)
+                        target_psnr=mixed.target_psnr, analysis=analysis)
 
 
 def stage_configs(package: Path, scheme: Scheme, mixed: MixedBitRecipe | None = None,
@@ -176,19 +185,20 @@ def stage_configs(package: Path, scheme: Scheme, mixed: MixedBitRecipe | None = 
 
 
 def compress_package(package: Path, scheme: Scheme, out: Path, component: str = "",
-                     calibration: Calibration | None = None) -> CompressedComponent:
+                     calibration: Calibration | None = None, analysis: Analysis | None = None) -> CompressedComponent:
     """Write ``package`` compressed with ``scheme`` to ``out``. A ``none`` scheme copies nothing:
     the caller keeps the original package.
 
-    A mixed-bit palettization with a target (not a stored recipe) is analysed here on
-    ``calibration`` (see :func:`publisher.mixed_bit.calibration`); the result carries the recipe.
+    A mixed-bit palettization with a target (not a stored recipe) is allocated from ``analysis``, or
+    analysed here on ``calibration`` (see :func:`publisher.mixed_bit.calibration`); the result
+    carries the recipe.
     """
 
     started = time.perf_counter()
     install_coremltools_fixes()
     mixed = None
     if scheme.palettize and scheme.palettize.mixed:
-        mixed = mixed_recipe(package, scheme, component, calibration)
+        mixed = mixed_recipe(package, scheme, component, calibration, analysis)
     configs = stage_configs(package, scheme, mixed, skipped_op_types(component))
     model = ct.models.MLModel(str(package), skip_model_load=True)
     if "prune" in configs:

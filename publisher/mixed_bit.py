@@ -57,6 +57,7 @@ REFERENCE_NBITS = 4
 DEFAULT_GROUPS = 8
 VERIFY_TRIES = 3
 FORMAT = "coreml-publisher/mixed-bit/1"
+ANALYSIS_FORMAT = "coreml-publisher/mixed-bit-analysis/1"
 
 
 # Mixed-bit analysis calibrates on the parity gate's own inputs and reference outputs.
@@ -105,6 +106,33 @@ class Analysis:
 
     def nbits(self, choice: np.ndarray) -> dict[str, int]:
         return {layer.name: self.candidates[index] for layer, index in zip(self.layers, choice, strict=True)}
+
+    def save(self, folder: Path) -> None:
+        """Write the analysis into ``folder`` (``analysis.json`` and ``analysis.npz``): any target can be
+        allocated from it again without a forward."""
+        widths = sorted({nbits for _, nbits in self.luts})
+        arrays = {"sse": self.sse, "gains": self.gains}
+        arrays |= {f"lut_{nbits}_{i}": self.luts[layer.name, nbits]
+                   for i, layer in enumerate(self.layers) for nbits in widths if (layer.name, nbits) in self.luts}
+        np.savez(folder / "analysis.npz", **arrays)
+        (folder / "analysis.json").write_text(json.dumps({
+            "format": ANALYSIS_FORMAT, "layers": [[layer.name, layer.size, layer.group] for layer in self.layers],
+            "candidates": list(self.candidates), "lut_widths": widths, "base_mse": self.base_mse, "peak": self.peak,
+            "seconds": self.seconds,
+        }) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> Analysis:
+        """The analysis :meth:`save` wrote into ``folder``."""
+        meta = json.loads((folder / "analysis.json").read_text())
+        if meta.get("format") != ANALYSIS_FORMAT:
+            raise ValueError(f"{folder}: not a mixed-bit analysis (expected format {ANALYSIS_FORMAT!r})")
+        layers = [Layer(name, int(size), int(group)) for name, size, group in meta["layers"]]
+        with np.load(folder / "analysis.npz") as arrays:
+            luts = {(layer.name, nbits): arrays[key] for i, layer in enumerate(layers) for nbits in meta["lut_widths"]
+                    if (key := f"lut_{nbits}_{i}") in arrays.files}
+            return cls(layers, tuple(meta["candidates"]), arrays["sse"], arrays["gains"], float(meta["base_mse"]),
+                       float(meta["peak"]), luts, dict(meta["seconds"]))
 
 
 @dataclass(frozen=True)

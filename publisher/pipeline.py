@@ -27,7 +27,7 @@ from publisher.card import write_card
 from publisher.checkpoint import Assembly, assemble_source, weight_inputs
 from publisher.chunk import chunk_package
 from publisher.components import CHUNKS, chunk_names, component_spec, pipeline_components
-from publisher.compress import compress_package
+from publisher.compress import compress_package, mixed_analysis
 from publisher.convert import convert_in_subprocess
 from publisher.executor import LoadedProgram
 from publisher.language_model_parity import COMPONENT as LM_COMPONENT
@@ -39,6 +39,7 @@ from publisher.language_model_parity import (
     save_references,
 )
 from publisher.language_model_source import LanguageModelSource, load_language_model_source
+from publisher.mixed_bit import Analysis
 from publisher.monitor import Monitor
 from publisher.parity import (
     ComponentParity,
@@ -364,13 +365,17 @@ def compress(run: Run, variant: Variant, component: str, converted: BuiltCompone
     scheme = recipe.compression.for_component(component)
     if scheme.is_none:
         return converted
+    package_hash = hash_path(converted.converted)
     analysed = needs_analysis(scheme)
     # A mixed-bit target is analysed on the parity gate's own inputs and reference outputs.
     calibration = reference(run, component) if analysed else None
+    analysis = None
+    if calibration is not None:
+        analysis = analyse(run, variant, component, converted.converted, package_hash, scheme, calibration)
 
     def produce(folder: Path) -> None:
         result = compress_package(converted.converted, scheme, folder / PACKAGE, component=component,
-                                  calibration=calibration)
+                                  calibration=calibration, analysis=analysis)
         if result.mixed is not None:
             result.mixed.save(folder / "mixed_bit.json")
         (folder / "meta.json").write_text(json.dumps({"seconds": result.seconds,
@@ -379,11 +384,29 @@ def compress(run: Run, variant: Variant, component: str, converted: BuiltCompone
     # The analysis runs on the component's reference cases: keyed as they are (see reference()).
     calibration_inputs = {"component": component, **reference_settings(run)} if analysed else {}
     entry = cached(run, "compress", {
-        "package": hash_path(converted.converted), "scheme": scheme.model_dump(mode="json"), **calibration_inputs,
+        "package": package_hash, "scheme": scheme.model_dump(mode="json"), **calibration_inputs,
     }, f"{variant.folder_name}/{component} ({scheme.describe()})", produce)
     meta = json.loads((entry / "meta.json").read_text())
     return replace(converted, package=entry / PACKAGE, compress_seconds=meta["seconds"],
                    compressed_weights=meta.get("compressed_weights"))
+
+
+def analyse(run: Run, variant: Variant, component: str, package: Path, package_hash: str, scheme: Scheme,
+            calibration: Reference) -> Analysis:
+    """The mixed-bit pre-analysis of a converted denoiser, cached apart from the compression: keyed
+    on everything it measures but the target, so a re-publish aiming at another average or PSNR, or a
+    run cancelled after it, skips its forwards."""
+    mixed = scheme.palettize.mixed
+
+    def produce(folder: Path) -> None:
+        mixed_analysis(package, scheme, calibration).save(folder)
+
+    entry = cached(run, "analysis", {
+        "package": package_hash, "component": component, **reference_settings(run),
+        "weight_threshold": scheme.weight_threshold, "candidates": list(mixed.candidates), "groups": mixed.groups,
+        "overrides": [override.model_dump(mode="json") for override in scheme.overrides],
+    }, f"{variant.folder_name}/{component}", produce)
+    return Analysis.load(entry)
 
 
 def check_parity(run: Run, build: Build) -> Parity:

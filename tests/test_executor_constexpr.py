@@ -21,8 +21,7 @@ cto = pytest.importorskip("coremltools.optimize.coreml")
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.optimize import _utils as optimize_utils  # noqa: E402
 
-from publisher.executor import load_program, run  # noqa: E402
-from publisher.executor.constexpr import unpack_bits  # noqa: E402
+from publisher.executor import constexpr, load_program, run  # noqa: E402
 
 TARGETS = {"iOS16": ct.target.iOS16, "iOS18": ct.target.iOS18}
 
@@ -226,10 +225,18 @@ def test_compressed_program_runs_with_decompressed_weights(base_models, tmp_path
     np.testing.assert_allclose(linear_out, x @ dense[(48, 64)].T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("keys_per_chunk", [1 << 18, 12])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.int8])
 @pytest.mark.parametrize("nbits", [1, 2, 3, 4, 5, 6, 7, 8])
-def test_unpack_bits_matches_coremltools(nbits):
+def test_packed_lut_decoding_matches_coremltools_unpacking(nbits, dtype, keys_per_chunk, monkeypatch):
+    # Keys of several fields, groups of bytes holding whole keys and the chunking are all ours: every
+    # width, counts that end inside a key and a group, and chunks that split the groups' keys.
+    monkeypatch.setattr(constexpr, "_KEYS_PER_CHUNK", keys_per_chunk)
     rng = np.random.default_rng(nbits)
-    count = 1001
-    packed = rng.integers(0, 256, size=-(-count * nbits // 8), dtype=np.uint8)
-    expected = optimize_utils.restore_elements_from_packed_bits(packed, nbits, count)
-    np.testing.assert_array_equal(unpack_bits(packed, nbits, count), expected)
+    for count in (1, 7, 1001):
+        packed = rng.integers(0, 256, size=-(-count * nbits // 8), dtype=np.uint8)
+        lut = (rng.standard_normal(2**nbits) * 50).astype(dtype)
+        expected = lut[optimize_utils.restore_elements_from_packed_bits(packed, nbits, count)]
+        dense = constexpr.lut_to_dense_ios16(packed, lut, np.array([count])).numpy()
+        assert dense.dtype == expected.dtype
+        np.testing.assert_array_equal(dense.view(np.uint8), expected.view(np.uint8))

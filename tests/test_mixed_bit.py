@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from coremltools.converters.mil.frontend.milproto import load as milproto
 
-from publisher import mixed_bit
+from publisher import mixed_bit, pipeline
+from publisher.cache import StageCache
 from publisher.compress import compress_package, mixed_recipe
 from publisher.convert import convert_component
 from publisher.errors import RecipeError
 from publisher.mixed_bit import MixedBitRecipe
+from publisher.monitor import Monitor
 from publisher.package_weights import program_weights
 from publisher.parity import measure_component
 from publisher.recipe import Scheme, load_recipe
@@ -180,3 +182,51 @@ def test_stored_recipe_path_resolves_against_the_recipe(tmp_path: Path):
     scheme = load_recipe(path).compression.unet
     assert scheme.palettize.mixed.recipe == (tmp_path / "m.json").resolve()
     assert scheme.describe() == "palettize mixed-bit (recipe m.json)"
+
+
+def test_analysis_round_trips_through_its_files(analysis: mixed_bit.Analysis, tmp_path: Path):
+    analysis.save(tmp_path)
+    loaded = mixed_bit.Analysis.load(tmp_path)
+    assert (loaded.layers, loaded.candidates, loaded.base_mse, loaded.peak, loaded.seconds) == (
+        analysis.layers, analysis.candidates, analysis.base_mse, analysis.peak, analysis.seconds)
+    np.testing.assert_array_equal(loaded.sse, analysis.sse)
+    np.testing.assert_array_equal(loaded.gains, analysis.gains)
+    assert loaded.luts.keys() == analysis.luts.keys()
+    for key, lut in analysis.luts.items():
+        assert loaded.luts[key].dtype == lut.dtype
+        np.testing.assert_array_equal(loaded.luts[key], lut)
+
+    (tmp_path / "analysis.json").write_text('{"format": "coreml-publisher/mixed-bit/1"}')
+    with pytest.raises(ValueError, match="not a mixed-bit analysis"):
+        mixed_bit.Analysis.load(tmp_path)
+
+
+def test_a_republish_aiming_elsewhere_reuses_the_analysis(tmp_path: Path, monkeypatch):
+    forwards = []
+    run_program = mixed_bit._Weights.run
+    monkeypatch.setattr(mixed_bit._Weights, "run", lambda self, inputs: forwards.append(1) or run_program(self, inputs))
+    cache = StageCache(tmp_path / "cache")
+
+    def build(target_bits: int, cache: StageCache = cache) -> tuple[MixedBitRecipe, list[str]]:
+        recipe_file = tmp_path / f"recipe-{target_bits}.yaml"
+        recipe_file.write_text(RECIPE.replace("  unet:\n", f"  unet:\n    weight_threshold: {THRESHOLD}\n")
+                               + f"      mixed: {{target_bits: {target_bits}, candidates: [2, 4, 8], groups: 2}}\n"
+                               + "conversion: {components: [unet], image_size: 64}\n")
+        recipe = load_recipe(recipe_file)
+        monitor = Monitor(quiet=True)
+        run = pipeline.Run(recipe, load_source(recipe), "tiny-sd", cache, monitor, tmp_path)
+        built = pipeline.build_components(run)[("original", "unet")]
+        return MixedBitRecipe.load(built.package.parent / "mixed_bit.json"), [cost.stage for cost in monitor.costs]
+
+    forwards.clear()
+    first, first_stages = build(4)
+    analysis_forwards = len(forwards) - 1  # the unpalettized probe and one per group; then the bits target's check
+    assert analysis_forwards == 3
+    assert "analysis original/unet" in first_stages
+
+    forwards.clear()
+    second, _ = build(6)
+    assert len(forwards) == 1  # the new target's check alone
+    assert second.average_bits > first.average_bits
+    # The same as an analysis of its own allocates.
+    assert build(6, StageCache(tmp_path / "fresh"))[0].layers == second.layers

@@ -244,7 +244,7 @@ class StageClock:
         (package / "weights.bin").write_text(component)
         return ConvertedComponent(component, package, 1, 0.0)
 
-    def compress(self, converted: Path, scheme, out: Path, *, component, calibration) -> CompressedComponent:
+    def compress(self, converted: Path, scheme, out: Path, *, component, calibration, analysis) -> CompressedComponent:
         self._span(f"compress {component}", 1.0 if component == "unet" else 0.05)
         shutil.copytree(converted, out)
         return CompressedComponent(out, 0.0)

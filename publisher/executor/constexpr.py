@@ -8,11 +8,9 @@ cores.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -37,30 +35,6 @@ def as_tensor(value: Any) -> torch.Tensor:
         return torch.from_numpy(array if array.flags.c_contiguous else np.ascontiguousarray(array))
 
 
-def unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
-    """Indices packed LSB-first (iOS16 layout) -> one uint8 per element, `count` elements."""
-    packed = np.ascontiguousarray(packed).view(np.uint8).reshape(-1)
-    mask = (1 << nbits) - 1
-    if 8 % nbits == 0:
-        shifts = np.arange(8 // nbits, dtype=np.uint8) * nbits
-        return ((packed[:, None] >> shifts) & mask).reshape(-1)[:count]
-    # Fields straddle bytes: take groups of lcm(nbits, 8) bits (a whole number of elements each)
-    # and assemble every element position of the group from its one or two bytes, all in uint8.
-    group_bits = math.lcm(nbits, 8)
-    group_bytes, per_group = group_bits // 8, group_bits // nbits
-    groups = np.zeros(-(-packed.size // group_bytes) * group_bytes, dtype=np.uint8)
-    groups[: packed.size] = packed
-    groups = groups.reshape(-1, group_bytes)
-    out = np.empty((groups.shape[0], per_group), dtype=np.uint8)
-    for j in range(per_group):
-        byte, shift = divmod(j * nbits, 8)
-        value = groups[:, byte] >> shift
-        if shift + nbits > 8:
-            value |= groups[:, byte + 1] << (8 - shift)
-        out[:, j] = value & mask
-    return out.reshape(-1)[:count]
-
-
 def _scalar_int(value: Any) -> int:
     return int(np.asarray(value).reshape(-1)[0])
 
@@ -69,52 +43,87 @@ def _shape_tuple(shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in np.asarray(shape).reshape(-1))
 
 
-_CHUNK = 1 << 22
-"""Elements decompressed per task: the tasks of one weight run on all cores."""
+_KEYS_PER_CHUNK = 1 << 18
+"""Keys gathered per call: their int indices stay in cache, and each call runs on all of torch's threads."""
 
 
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="constexpr")
+def _gather_rows(rows: torch.Tensor, key_count: int, keys: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """rows[keys(0, key_count)], built chunk by chunk: `keys(start, stop)` gives that chunk's int keys.
 
-
-def _in_chunks(count: int, dtype: np.dtype, fill: Callable[[int, int, np.ndarray], None], align: int = 1) -> np.ndarray:
-    """A new `count`-element array, `fill(start, stop, out)` writing out[start:stop] chunk by chunk
-    on a thread pool (numpy's indexing releases the GIL); chunk starts are multiples of `align`."""
-    out = np.empty(count, dtype=dtype)
-    chunk = max(align, _CHUNK // align * align)
-
-    def task(start: int) -> None:
-        fill(start, min(start + chunk, count), out)
-
-    for _ in _pool().map(task, range(0, count, chunk)):
-        pass
+    torch's index_select, not numpy's indexing: it takes int32 keys where numpy widens every index
+    to int64 in memory, and it runs on torch's own threads; a thread pool of our own beside them
+    waited on the cores their OpenMP threads spin on.
+    """
+    out = torch.empty((key_count, *rows.shape[1:]), dtype=rows.dtype)
+    for start in range(0, key_count, _KEYS_PER_CHUNK):
+        stop = min(start + _KEYS_PER_CHUNK, key_count)
+        torch.index_select(rows, 0, keys(start, stop), out=out[start:stop])
     return out
 
 
-def _gather(table: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    # numpy indexes with uint8 directly; torch would need an int64 copy of the indices.
+def _gather(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     flat = indices.reshape(-1)
+    dense = _gather_rows(table.reshape(-1), flat.numel(), lambda start, stop: flat[start:stop].to(torch.int32))
+    return dense.reshape(indices.shape)
 
-    def fill(start: int, stop: int, out: np.ndarray) -> None:
-        out[start:stop] = table[flat[start:stop]]
 
-    return _in_chunks(flat.size, table.dtype, fill).reshape(indices.shape)
+def _key_bits(nbits: int) -> int:
+    # A key is a run of whole fields: a byte where fields tile it, else the longest run within
+    # 14 bits (a table of at most 16,384 rows, which stays in cache).
+    return 8 if 8 % nbits == 0 else 14 // nbits * nbits
+
+
+def _rows_of_words(rows: torch.Tensor) -> torch.Tensor:
+    """[keys, fields] -> the same bytes as [keys, words] of the widest int dividing a row: one gather
+    moves a key's fields together."""
+    width = rows.shape[1] * rows.element_size()
+    word = next(w for w in (torch.int64, torch.int32, torch.int16, torch.int8) if width % w.itemsize == 0)
+    words = rows.contiguous().view(word)
+    # A 1-D table takes index_select's fast path.
+    return words.squeeze(1) if words.shape[1] == 1 else words
 
 
 def lut_to_dense_ios16(indices: Any, lut: Any, shape: Any) -> torch.Tensor:
-    """iOS16 constexpr_lut_to_dense: one 1-D table, indices packed LSB-first in a uint8 vector."""
-    table = as_tensor(lut).reshape(-1).numpy()
-    nbits = int(round(math.log2(table.size)))
+    """iOS16 constexpr_lut_to_dense: one 1-D table, indices packed LSB-first in a uint8 vector.
+
+    Decoded a key (a run of whole fields) at a time, through a table of every key's values: the
+    fields are never unpacked one by one.
+    """
+    table = as_tensor(lut).reshape(-1)
+    nbits = int(round(math.log2(table.numel())))
     out_shape = _shape_tuple(shape)
-    packed = np.ascontiguousarray(np.asarray(indices)).view(np.uint8).reshape(-1)
+    count = math.prod(out_shape)
+    key_bits = _key_bits(nbits)
+    fields_per_key = key_bits // nbits
+    field_mask = (1 << nbits) - 1
+    every_key = torch.arange(1 << key_bits, dtype=torch.int32)
+    field_shifts = torch.arange(fields_per_key, dtype=torch.int32) * nbits
+    rows = _rows_of_words(table[(every_key[:, None] >> field_shifts) & field_mask])
 
-    def fill(start: int, stop: int, out: np.ndarray) -> None:
-        # `start` is a whole number of bytes into the packed indices (see align).
-        out[start:stop] = table[unpack_bits(packed[start * nbits // 8 : -(-stop * nbits // 8)], nbits, stop - start)]
+    # Keys are read from groups of whole bytes holding whole keys (3 bytes = two 12-bit keys).
+    group_bytes = math.lcm(key_bits, 8) // 8
+    keys_per_group = group_bytes * 8 // key_bits
+    group_count = -(-count // (fields_per_key * keys_per_group))
+    packed = as_tensor(np.ascontiguousarray(np.asarray(indices)).view(np.uint8).reshape(-1))
+    if packed.numel() < group_count * group_bytes:
+        packed = torch.cat([packed, packed.new_zeros(group_count * group_bytes - packed.numel())])
+    groups = packed[: group_count * group_bytes].reshape(group_count, group_bytes)
+    word_dtype = torch.int32 if group_bytes < 4 else torch.int64
+    key_shifts = torch.arange(keys_per_group, dtype=word_dtype) * key_bits
+    key_mask = (1 << key_bits) - 1
 
-    dense = _in_chunks(math.prod(out_shape), table.dtype, fill, align=math.lcm(nbits, 8) // nbits)
-    return torch.from_numpy(dense).reshape(out_shape)
+    def keys(start: int, stop: int) -> torch.Tensor:
+        chunk = groups[start // keys_per_group : stop // keys_per_group]
+        if group_bytes == 1:
+            return chunk.reshape(-1).to(torch.int32)
+        word = chunk[:, 0].to(word_dtype)
+        for byte in range(1, group_bytes):
+            word |= chunk[:, byte].to(word_dtype) << (8 * byte)
+        return ((word[:, None] >> key_shifts) & key_mask).reshape(-1)
+
+    # Chunks hold whole groups, so every chunk's keys start at a group boundary.
+    dense = _gather_rows(rows, group_count * keys_per_group, keys).view(table.dtype).reshape(-1)
+    return dense[:count].reshape(out_shape)
 
 
 def lut_to_dense_ios18(indices: Any, lut: Any, vector_axis: Any = None) -> torch.Tensor:
@@ -125,7 +134,7 @@ def lut_to_dense_ios18(indices: Any, lut: Any, vector_axis: Any = None) -> torch
     groups = tuple(table.shape[:rank])
     palettes, vector_size = table.shape[rank], table.shape[rank + 1]
     if math.prod(groups) == 1 and vector_size == 1:
-        return torch.from_numpy(_gather(table.reshape(-1).numpy(), idx.numpy()))
+        return _gather(table, idx)
     blocks = tuple(d // g for d, g in zip(idx.shape, groups, strict=True))
     # [g0, b0, g1, b1, ...] -> [g0, g1, ..., b0, b1, ...]: each group's indices become one row.
     interleaved = idx.reshape([v for pair in zip(groups, blocks, strict=True) for v in pair])
