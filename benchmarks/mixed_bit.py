@@ -98,8 +98,10 @@ def main() -> None:
         for target in TARGETS:
             started = time.perf_counter()
             built = mixed_bit.build_recipe(package, calib, "unet", target_bits=target, analysis=analysis)
+            # A bits target is not verified by the build (the parity gate is): measured here alike.
+            measured = mixed_bit.measure(package, calib, built.layers, analysis)
             rows.append((f"mixed (target {target:g})", built.average_bits, built.predicted_psnr,
-                         built.measured_psnr, time.perf_counter() - started))
+                         measured, time.perf_counter() - started))
         print("| method | average bits | predicted PSNR (dB) | measured PSNR (dB) | evaluation (s) |")
         print("|---|---:|---:|---:|---:|")
         for method, bits, predicted, measured, took in sorted(rows, key=lambda row: -row[1]):

@@ -17,8 +17,8 @@ width (hours on a GPU for SD 1.5). This one needs a handful of forwards instead:
    the predicted curve; a target average bit width or PSNR picks a state on it.
 4. **Verification.** For a PSNR target the chosen state is run end to end on every calibration
    input against the fp32 torch reference; a shortfall raises the target by the gap and re-picks, a
-   few times at most. A bits target needs no verification to pick its state, so its measured PSNR is
-   the probe's alone: the parity gate runs every input on the applied package anyway.
+   few times at most. A bits target needs no verification to pick its state and gets none: the parity
+   gate runs every input on the applied package anyway (at SDXL's size a forward costs minutes).
 
 The stored recipe is JSON (:class:`MixedBitRecipe`): ``layers`` maps each MIL weight constant
 (``unet_down_blocks_0_resnets_0_conv1_weight_to_fp16``: the torch parameter name with ``.`` -> ``_``,
@@ -144,6 +144,7 @@ class MixedBitRecipe:
     average_bits: float
     predicted_psnr: float | None = None
     measured_psnr: float | None = None
+    """Worst over the calibration inputs, for a PSNR target (a bits target is measured by the parity gate)."""
     target: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -366,11 +367,11 @@ def build_recipe(package: Path, calib: Calibration, component: str, *, target_bi
         raise ValueError("give exactly one of target_bits or target_psnr")
     analysis = analysis or analyze(package, calib, weight_threshold, candidates, groups, exclude)
     path = greedy_path(analysis)
-    weights = _Weights(package, [layer.name for layer in analysis.layers])
     state = _pick(analysis, path, target_bits, target_psnr)
-    checked = calib if target_psnr is not None else Calibration(calib.inputs[:1], calib.outputs[:1])
-    measured = _measure(weights, checked, analysis.nbits(state), analysis.luts)
+    measured = None
     if target_psnr is not None:
+        weights = _Weights(package, [layer.name for layer in analysis.layers])
+        measured = _measure(weights, calib, analysis.nbits(state), analysis.luts)
         aim = target_psnr
         for _ in range(VERIFY_TRIES - 1):
             if measured >= target_psnr or state is path[0]:
@@ -381,4 +382,5 @@ def build_recipe(package: Path, calib: Calibration, component: str, *, target_bi
             measured = _measure(weights, calib, analysis.nbits(state), analysis.luts)
     target = {"bits": target_bits} if target_bits is not None else {"psnr": target_psnr}
     return MixedBitRecipe(component, analysis.nbits(state), analysis.average_bits(state),
-                          round(analysis.predicted_psnr(state), 2), round(measured, 2), target)
+                          round(analysis.predicted_psnr(state), 2), None if measured is None else round(measured, 2),
+                          target)
