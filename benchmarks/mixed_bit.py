@@ -92,21 +92,21 @@ def main() -> None:
 
         rows = []
         for nbits in analysis.candidates:
-            started = time.perf_counter()
             measured = mixed_bit.measure(package, calib, {layer.name: nbits for layer in analysis.layers}, analysis)
-            rows.append(("uniform", float(nbits), None, measured, time.perf_counter() - started))
+            rows.append(("uniform", float(nbits), None, measured, None))
         for target in TARGETS:
             started = time.perf_counter()
             built = mixed_bit.build_recipe(package, calib, "unet", target_bits=target, analysis=analysis)
+            # What a re-publish aiming at this target spends before applying it, the analysis being cached.
+            allocated = time.perf_counter() - started
             # A bits target is not verified by the build (the parity gate is): measured here alike.
             measured = mixed_bit.measure(package, calib, built.layers, analysis)
-            rows.append((f"mixed (target {target:g})", built.average_bits, built.predicted_psnr,
-                         measured, time.perf_counter() - started))
-        print("| method | average bits | predicted PSNR (dB) | measured PSNR (dB) | evaluation (s) |")
+            rows.append((f"mixed (target {target:g})", built.average_bits, built.predicted_psnr, measured, allocated))
+        print("| method | average bits | predicted PSNR (dB) | measured PSNR (dB) | allocation (s) |")
         print("|---|---:|---:|---:|---:|")
         for method, bits, predicted, measured, took in sorted(rows, key=lambda row: -row[1]):
             shown = f"{predicted:.1f}" if predicted is not None else "-"
-            print(f"| {method} | {bits:.2f} | {shown} | {measured:.1f} | {took:.1f} |")
+            print(f"| {method} | {bits:.2f} | {shown} | {measured:.1f} | {'-' if took is None else f'{took:.1f}'} |")
 
 
 if __name__ == "__main__":

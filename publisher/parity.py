@@ -285,8 +285,9 @@ def measure_component(recipe: Recipe, source: LoadedSource, component: str, pack
     for backend in on or backends():
         run = _runner(package, backend, programs)
         results[backend] = min(
-            psnr(expected[name], run(case)[name])
+            psnr(expected[name], produced[name])
             for case, expected in zip(reference.inputs, reference.outputs, strict=True)
+            for produced in (run(case),)
             for name in outputs
         )
     return ComponentParity(component, results)

@@ -72,6 +72,22 @@ def test_float16_package_is_near_lossless(demo_output: Path, tmp_path: Path):
     assert measured.psnr_db["executor-fp16"] > 50
 
 
+def test_each_case_runs_once_per_backend_whatever_the_outputs(demo_output: Path, monkeypatch):
+    """A ControlNet has 13 outputs: running the package once per output made its gate 13 times as slow."""
+    recipe = load_recipe(DEMO_RECIPE)
+    source = load_source(recipe)
+    package = demo_output / "original/packages/Stable_Diffusion_version_tiny-sd-palettized_text_encoder.mlpackage"
+    calls = []
+    run_package = parity.executor.run
+    monkeypatch.setattr(parity.executor, "run", lambda *args, **kwargs: calls.append(1) or run_package(*args, **kwargs))
+    reference = parity.reference_cases(recipe, source, "text_encoder")
+    assert len(parity.component_io(recipe, source, "text_encoder").outputs) == 2
+
+    measured = parity.measure_component(recipe, source, "text_encoder", package, reference=reference)
+
+    assert len(calls) == len(reference.inputs) * len(measured.psnr_db) == len(reference.inputs) * 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Sabotage: corrupt the compressed UNet's weight.bin in place, the gate must fail.
 
