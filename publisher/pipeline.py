@@ -240,6 +240,12 @@ def cached(run: Run, stage: str, key_parts: dict, label: str, produce: Callable[
     return cache_entry(run.cache, run.monitor, run.entries, run.recipe.name, stage, key_parts, label, produce)
 
 
+def is_cached(run: Run, stage: str, key_parts: dict) -> bool:
+    """Whether :func:`cached` would reuse an entry: for a stage whose inputs cost more than itself."""
+    key = make_key(stage, key_parts)
+    return key in run.entries or run.cache.lookup(stage, key) is not None
+
+
 def cache_entry(cache: StageCache, monitor: Monitor, entries: dict[str, Path], recipe_name: str, stage: str,
                 key_parts: dict, label: str, produce: Callable[[Path], None]) -> Path:
     """:func:`cached`, before a run's source is loaded."""
@@ -369,8 +375,11 @@ def compress(run: Run, variant: Variant, component: str, converted: BuiltCompone
     analysed = needs_analysis(scheme)
     # A mixed-bit target is analysed on the parity gate's own inputs and reference outputs.
     calibration = reference(run, component) if analysed else None
+    # The analysis runs on the component's reference cases: keyed as they are (see reference()).
+    calibration_inputs = {"component": component, **reference_settings(run)} if analysed else {}
+    key_parts = {"package": package_hash, "scheme": scheme.model_dump(mode="json"), **calibration_inputs}
     analysis = None
-    if calibration is not None:
+    if calibration is not None and not is_cached(run, "compress", key_parts):
         analysis = analyse(run, variant, component, converted.converted, package_hash, scheme, calibration)
 
     def produce(folder: Path) -> None:
@@ -381,11 +390,7 @@ def compress(run: Run, variant: Variant, component: str, converted: BuiltCompone
         (folder / "meta.json").write_text(json.dumps({"seconds": result.seconds,
                                                        "compressed_weights": result.compressed_weights}))
 
-    # The analysis runs on the component's reference cases: keyed as they are (see reference()).
-    calibration_inputs = {"component": component, **reference_settings(run)} if analysed else {}
-    entry = cached(run, "compress", {
-        "package": package_hash, "scheme": scheme.model_dump(mode="json"), **calibration_inputs,
-    }, f"{variant.folder_name}/{component} ({scheme.describe()})", produce)
+    entry = cached(run, "compress", key_parts, f"{variant.folder_name}/{component} ({scheme.describe()})", produce)
     meta = json.loads((entry / "meta.json").read_text())
     return replace(converted, package=entry / PACKAGE, compress_seconds=meta["seconds"],
                    compressed_weights=meta.get("compressed_weights"))

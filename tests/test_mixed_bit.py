@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -232,3 +233,10 @@ def test_a_republish_aiming_elsewhere_reuses_the_analysis(tmp_path: Path, monkey
     assert second.average_bits > first.average_bits
     # The same as an analysis of its own allocates.
     assert build(6, StageCache(tmp_path / "fresh"))[0].layers == second.layers
+
+    # A finished compression needs no analysis, stored or not (an older cache, or one pruned).
+    shutil.rmtree(tmp_path / "cache" / "analysis")
+    forwards.clear()
+    again, again_stages = build(4)
+    assert forwards == [] and again == first
+    assert not any(stage.startswith("analysis") for stage in again_stages)
