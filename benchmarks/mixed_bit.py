@@ -6,6 +6,10 @@ conversion are cached under build/). On a shared machine run it under the heavy-
 
     flock /tmp/coreml-publisher-heavy.lock .venv/bin/python benchmarks/mixed_bit.py --full
 
+The pre-analysis of another tree (the code before a change), on the same package and cases:
+
+    PYTHONPATH=<tree> .venv/bin/python benchmarks/mixed_bit.py --full --analysis-only --save-analysis <dir>
+
 PSNR is Apple's, of the executor (fp32 hold) on the package weights palettized as the apply step
 writes them, against the fp32 torch reference, worst over the calibration cases; both methods are
 measured in the same run on the same cases.
@@ -56,6 +60,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=None,
                         help="calibration cases (parity timesteps) to use; default all (tiny), 1 (full)")
     parser.add_argument("--groups", type=int, default=None, help="gain groups; default mixed_bit.DEFAULT_GROUPS")
+    parser.add_argument("--analysis-only", action="store_true", help="stop after the pre-analysis table")
+    parser.add_argument("--save-analysis", type=Path, default=None, metavar="DIR",
+                        help="write the analysis there (to compare two trees' results: PYTHONPATH=<tree> runs another)")
     args = parser.parse_args()
     _quiet()
 
@@ -89,6 +96,11 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|")
         print(f"| candidates {list(analysis.candidates)} | {seconds['load']:.1f} | {seconds['kmeans']:.1f}"
               f" | {seconds['gains']:.1f} | {seconds['total']:.1f} |\n")
+        if args.save_analysis:
+            args.save_analysis.mkdir(parents=True, exist_ok=True)
+            analysis.save(args.save_analysis)
+        if args.analysis_only:
+            return
 
         rows = []
         for nbits in analysis.candidates:

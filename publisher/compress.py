@@ -27,7 +27,7 @@ from publisher.coremltools_fixes import install_coremltools_fixes
 from publisher.mixed_bit import Analysis, Calibration, MixedBitRecipe, analyze, build_recipe
 from publisher.package_weights import SKIPPED_OP_TYPES, Weight, program_weights
 from publisher.palettize import palettize_config
-from publisher.recipe import Override, Palettize, Prune, Quantize, Scheme
+from publisher.recipe import MixedBits, Override, Palettize, Prune, Quantize, Scheme
 
 
 @dataclass(frozen=True)
@@ -122,11 +122,16 @@ def pruner_config(prune: Prune, weight_threshold: int):
     return OpMagnitudePrunerConfig(target_sparsity=prune.sparsity, weight_threshold=weight_threshold)
 
 
-def mixed_analysis(package: Path, scheme: Scheme, calibration: Calibration) -> Analysis:
-    """The mixed-bit pre-analysis of ``package`` for ``scheme``: what every target is allocated from."""
+def _mixed(scheme: Scheme) -> MixedBits:
     mixed = scheme.palettize.mixed if scheme.palettize else None
     if mixed is None:
         raise ValueError("the scheme has no mixed-bit palettization")
+    return mixed
+
+
+def mixed_analysis(package: Path, scheme: Scheme, calibration: Calibration) -> Analysis:
+    """The mixed-bit pre-analysis of ``package`` for ``scheme``: what every target is allocated from."""
+    mixed = _mixed(scheme)
     overridden = matched_weights(program_weights(package), scheme.overrides)
     return analyze(package, calibration, scheme.weight_threshold, mixed.candidates, mixed.groups, exclude=overridden)
 
@@ -135,9 +140,7 @@ def mixed_recipe(package: Path, scheme: Scheme, component: str, calibration: Cal
                  analysis: Analysis | None = None) -> MixedBitRecipe:
     """The stored mixed-bit recipe of ``scheme``, or one built now for its target on ``calibration``
     (from ``analysis`` when given: see :func:`mixed_analysis`)."""
-    mixed = scheme.palettize.mixed if scheme.palettize else None
-    if mixed is None:
-        raise ValueError("the scheme has no mixed-bit palettization")
+    mixed = _mixed(scheme)
     if mixed.recipe is not None:
         return MixedBitRecipe.load(mixed.recipe)
     if calibration is None:

@@ -21,7 +21,7 @@ ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
-from publisher.executor import ExecutorError, load_program, make_state, run  # noqa: E402
+from publisher.executor import ExecutorError, load_program, make_state, run, run_with_snapshots  # noqa: E402
 
 POSITIONS, WIDTH = 4, 3
 
@@ -99,3 +99,9 @@ def test_a_stateful_program_needs_its_own_state(kv_program, tmp_path):
     ct.convert(plain, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18).save(str(package))
     with pytest.raises(ExecutorError, match="no state inputs"):
         make_state(load_program(package))
+
+
+def test_a_stateful_run_cannot_be_resumed(kv_program):
+    feeds = {"token": np.ones((1, 1, WIDTH), np.float16), "pos": np.array([0], np.int32)}
+    with pytest.raises(ExecutorError, match="a stateful program's runs cannot be resumed"):
+        run_with_snapshots(kv_program, feeds, at=[0])

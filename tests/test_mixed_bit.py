@@ -74,6 +74,29 @@ def test_curve_is_monotone_from_all_most_to_all_fewest_bits(analysis: mixed_bit.
     assert quality[0] - quality[-1] > 20  # the model sees the damage 2 bits do
 
 
+def test_group_gains_are_those_of_whole_forwards(tiny, analysis: mixed_bit.Analysis):
+    # Each group's forward resumes the unpalettized one where the group's first weight is read: the gains
+    # must be those of whole forwards with the group palettized.
+    _, _, package, calib = tiny
+    weights = mixed_bit._Weights(package, [layer.name for layer in analysis.layers])
+    probe = calib.inputs[0]
+    unpalettized = weights.run(probe)
+    column = analysis.candidates.index(mixed_bit.REFERENCE_NBITS)
+    expected = np.zeros(len(analysis.layers))
+    starts = []
+    for group in sorted({layer.group for layer in analysis.layers}):
+        members = [i for i, layer in enumerate(analysis.layers) if layer.group == group]
+        names = [analysis.layers[i].name for i in members]
+        starts.append(min(weights.first_step[name] for name in names))
+        for name in names:
+            lut = analysis.luts[name, mixed_bit.REFERENCE_NBITS]
+            weights.set(name, mixed_bit._from_lut(weights.original[name], lut))
+        expected[members] = mixed_bit._mse(weights.run(probe), unpalettized) / analysis.sse[members, column].sum()
+        weights.reset(names)
+    assert starts[-1] > starts[0] > 0  # the groups' forwards do resume part-way
+    np.testing.assert_allclose(analysis.gains, expected, rtol=1e-6)
+
+
 def test_applied_package_meets_the_target_and_its_measured_psnr(tiny, analysis, tmp_path: Path):
     recipe, source, package, calib = tiny
     built = mixed_bit.build_recipe(package, calib, "unet", target_bits=5.0, analysis=analysis)
@@ -206,9 +229,16 @@ def test_analysis_round_trips_through_its_files(analysis: mixed_bit.Analysis, tm
 
 
 def test_a_republish_aiming_elsewhere_reuses_the_analysis(tmp_path: Path, monkeypatch):
-    forwards = []
-    run_program = mixed_bit._Weights.run
-    monkeypatch.setattr(mixed_bit._Weights, "run", lambda self, inputs: forwards.append(1) or run_program(self, inputs))
+    forwards = []  # whole and resumed
+
+    def counting(run):
+        def counted(self, *args):
+            forwards.append(1)
+            return run(self, *args)
+        return counted
+
+    for method in ("run", "run_with_snapshots", "resume"):
+        monkeypatch.setattr(mixed_bit._Weights, method, counting(getattr(mixed_bit._Weights, method)))
     cache = StageCache(tmp_path / "cache")
 
     def build(target_bits: int, cache: StageCache = cache) -> tuple[MixedBitRecipe, list[str]]:

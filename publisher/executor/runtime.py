@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -152,6 +153,34 @@ def _output_array(tensor: torch.Tensor, spec: TensorSpec) -> np.ndarray:
     return tensor.numpy().astype(spec.numpy_dtype)
 
 
+def _bind(loaded: LoadedProgram, inputs: Mapping[str, np.ndarray], mode: Mode,
+          state: ExecutorState | None) -> dict[str, Any]:
+    if mode not in ("fp32", "fp16"):
+        raise ValueError(f"mode must be 'fp32' or 'fp16', not {mode!r}")
+    unknown = set(inputs) - set(loaded.inputs)
+    missing = set(loaded.inputs) - set(inputs)
+    if unknown or missing:
+        raise ExecutorError(
+            f"{loaded.path}: inputs do not match the model (missing {sorted(missing)}, unknown {sorted(unknown)})"
+        )
+    if loaded.states and state is None:
+        raise ExecutorError(f"{loaded.path}: the model is stateful: pass state=make_state(program)")
+    if state is not None and state._specs != loaded.states:
+        raise ExecutorError(f"{loaded.path}: the state was made for another model ({state.program_path})")
+    env = {name: _bind_input(spec, inputs[name], mode) for name, spec in loaded.inputs.items()}
+    if state is not None:
+        env.update({name: _widen(value, mode) for name, value in state._values.items()})
+    return env
+
+
+def _outputs(loaded: LoadedProgram, env: dict[str, Any]) -> dict[str, np.ndarray]:
+    out_vars = [v.name for v in loaded.function.outputs]
+    return {
+        spec.name: _output_array(env[var] if var in env else loaded.constants[var], spec)
+        for spec, var in zip(loaded.outputs, out_vars, strict=True)
+    }
+
+
 def run(
     program: LoadedProgram | Path | str,
     inputs: Mapping[str, np.ndarray],
@@ -168,29 +197,60 @@ def run(
     the start and holds the program's coreml_update_state writes after the call, as Core ML's
     `predict(..., state=...)` does.
     """
-    if mode not in ("fp32", "fp16"):
-        raise ValueError(f"mode must be 'fp32' or 'fp16', not {mode!r}")
     loaded = program if isinstance(program, LoadedProgram) else load_program(program)
-    unknown = set(inputs) - set(loaded.inputs)
-    missing = set(loaded.inputs) - set(inputs)
-    if unknown or missing:
-        raise ExecutorError(
-            f"{loaded.path}: inputs do not match the model (missing {sorted(missing)}, unknown {sorted(unknown)})"
-        )
-    if loaded.states and state is None:
-        raise ExecutorError(f"{loaded.path}: the model is stateful: pass state=make_state(program)")
-    if state is not None and state._specs != loaded.states:
-        raise ExecutorError(f"{loaded.path}: the state was made for another model ({state.program_path})")
     with torch.inference_mode():
-        env = {name: _bind_input(spec, inputs[name], mode) for name, spec in loaded.inputs.items()}
-        if state is not None:
-            env.update({name: _widen(value, mode) for name, value in state._values.items()})
+        env = _bind(loaded, inputs, mode, state)
         _Execution(loaded, mode, env).steps(loaded.steps)
         if state is not None:
             for name, spec in loaded.states.items():
                 state._values[name] = env[name].to(spec.hold_dtype)
-        out_vars = [v.name for v in loaded.function.outputs]
-        return {
-            spec.name: _output_array(env[var] if var in env else loaded.constants[var], spec)
-            for spec, var in zip(loaded.outputs, out_vars, strict=True)
-        }
+        return _outputs(loaded, env)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The values a run held just before one of its steps (the program's ``steps[step]``)."""
+
+    program: LoadedProgram
+    step: int
+    mode: Mode
+    values: dict[str, Any]
+
+
+def run_with_snapshots(
+    program: LoadedProgram,
+    inputs: Mapping[str, np.ndarray],
+    at: Iterable[int],
+    mode: Mode = "fp32",
+) -> tuple[dict[str, np.ndarray], dict[int, Snapshot]]:
+    """`run`, also keeping the values live before each step index in `at`, for `resume`.
+
+    A caller that changes constants only read from some step on (a weight swapped into the steps'
+    inputs) resumes from a snapshot taken before that step and gets what a whole run would give, for
+    the cost of the steps after it. Values are never changed in place, so a snapshot shares its tensors
+    with the run and with the other snapshots rather than copying them. Stateless programs only.
+    """
+    if program.states:
+        raise ExecutorError(f"{program.path}: a stateful program's runs cannot be resumed (its state moves on)")
+    boundaries = sorted(set(at))
+    if boundaries and not 0 <= boundaries[0] <= boundaries[-1] < len(program.steps):
+        raise ValueError(f"step indices must lie in [0, {len(program.steps)}): {boundaries}")
+    snapshots = {}
+    with torch.inference_mode():
+        env = _bind(program, inputs, mode, None)
+        execution = _Execution(program, mode, env)
+        done = 0
+        for boundary in boundaries:
+            execution.steps(program.steps[done:boundary])
+            snapshots[boundary] = Snapshot(program, boundary, mode, dict(env))
+            done = boundary
+        execution.steps(program.steps[done:])
+        return _outputs(program, env), snapshots
+
+
+def resume(snapshot: Snapshot) -> dict[str, np.ndarray]:
+    """The program's outputs, running its steps from the snapshot's on (with the constants they hold now)."""
+    with torch.inference_mode():
+        env = dict(snapshot.values)
+        _Execution(snapshot.program, snapshot.mode, env).steps(snapshot.program.steps[snapshot.step:])
+        return _outputs(snapshot.program, env)
