@@ -194,7 +194,7 @@ def run_apple(checkout: Path, runs: list[AppleRun], logs: Path) -> list[AppleCos
     """
     # The tree sum that the publish's stages sample (publisher.monitor), here over the child's tree alone:
     # this process's own memory is not the converter's.
-    from publisher.monitor import _tree_rss
+    from publisher.monitor import tree_rss
 
     logs.mkdir(parents=True, exist_ok=True)
     costs = []
@@ -204,7 +204,7 @@ def run_apple(checkout: Path, runs: list[AppleRun], logs: Path) -> list[AppleCos
         with log.open("w") as output:
             child = psutil.Popen([sys.executable, *run.args], env=converter_env(checkout), stdout=output,
                                  stderr=subprocess.STDOUT)
-            with tree_peak(_tree_rss, child) as rss, tree_peak(_anonymous_rss, child) as anonymous:
+            with tree_peak(tree_rss, child) as rss, tree_peak(_anonymous_rss, child) as anonymous:
                 child.wait()
         seconds = time.perf_counter() - started
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]

@@ -13,7 +13,8 @@ from rich.console import Console
 from publisher.report import StageCost
 
 
-def _tree_rss(process: psutil.Process) -> int:
+def tree_rss(process: psutil.Process) -> int:
+    """Resident bytes of ``process`` and all its descendants (a publish's converting children included)."""
     total = 0
     for member in [process, *process.children(recursive=True)]:
         try:
@@ -50,13 +51,13 @@ class Monitor:
         ``record=False`` shows the line but keeps the stage out of the report (housekeeping whose
         cost would only make two otherwise identical reports differ).
         """
-        peak = _tree_rss(self._process)
+        peak = tree_rss(self._process)
         stop = threading.Event()
 
         def sample() -> None:
             nonlocal peak
             while not stop.wait(0.05):
-                peak = max(peak, _tree_rss(self._process))
+                peak = max(peak, tree_rss(self._process))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()

@@ -373,13 +373,13 @@ def compress(run: Run, variant: Variant, component: str, converted: BuiltCompone
         return converted
     package_hash = hash_path(converted.converted)
     analysed = needs_analysis(scheme)
-    # A mixed-bit target is analysed on the parity gate's own inputs and reference outputs.
-    calibration = reference(run, component) if analysed else None
     # The analysis runs on the component's reference cases: keyed as they are (see reference()).
     calibration_inputs = {"component": component, **reference_settings(run)} if analysed else {}
     key_parts = {"package": package_hash, "scheme": scheme.model_dump(mode="json"), **calibration_inputs}
-    analysis = None
-    if calibration is not None and not is_cached(run, "compress", key_parts):
+    calibration = analysis = None
+    if analysed and not is_cached(run, "compress", key_parts):
+        # A mixed-bit target is analysed on the parity gate's own inputs and reference outputs.
+        calibration = reference(run, component)
         analysis = analyse(run, variant, component, converted.converted, package_hash, scheme, calibration)
 
     def produce(folder: Path) -> None:

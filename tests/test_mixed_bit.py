@@ -239,6 +239,10 @@ def test_a_republish_aiming_elsewhere_reuses_the_analysis(tmp_path: Path, monkey
 
     for method in ("run", "run_with_snapshots", "resume"):
         monkeypatch.setattr(mixed_bit._Weights, method, counting(getattr(mixed_bit._Weights, method)))
+    references = []
+    load_reference = pipeline.reference
+    monkeypatch.setattr(pipeline, "reference", lambda run, component: references.append(component)
+                        or load_reference(run, component))
     cache = StageCache(tmp_path / "cache")
 
     def build(target_bits: int, cache: StageCache = cache) -> tuple[MixedBitRecipe, list[str]]:
@@ -267,6 +271,8 @@ def test_a_republish_aiming_elsewhere_reuses_the_analysis(tmp_path: Path, monkey
     # A finished compression needs no analysis, stored or not (an older cache, or one pruned).
     shutil.rmtree(tmp_path / "cache" / "analysis")
     forwards.clear()
+    references.clear()
     again, again_stages = build(4)
     assert forwards == [] and again == first
+    assert references == []  # nor its calibration cases
     assert not any(stage.startswith("analysis") for stage in again_stages)
