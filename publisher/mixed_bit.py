@@ -12,8 +12,7 @@ width (hours on a GPU for SD 1.5). This one needs a handful of forwards instead:
    only that group palettized at ``REFERENCE_NBITS``: ``gain_g = mse_g / sum_{l in g} sse[l, ref]``.
    Cost: one forward on the first calibration input (the probe), then ``groups`` partial ones: a
    group's forward resumes that one from the first step reading one of the group's weights (what
-   comes before is the same), so the groups late in the program cost little. At SDXL's 1024 px a
-   whole forward takes minutes on two cores.
+   comes before is the same). At SDXL's 1024 px a whole forward takes a minute on two cores.
 3. **Allocation.** Greedy descent from every layer at the most bits: each step takes the move (one
    layer to any fewer bits) with the smallest predicted error per bit saved. The path of states is
    the predicted curve; a target average bit width or PSNR picks a state on it.
@@ -292,7 +291,8 @@ def analyze(package: Path, calib: Calibration, weight_threshold: int = 2048,
     members_of = {group: [i for i, layer in enumerate(layers) if layer.group == group]
                   for group in sorted({layer.group for layer in layers})}
     # A group's forward repeats the unpalettized one up to the first step reading one of its weights: it
-    # resumes there instead (the same outputs; at SD sizes the groups' forwards cost about half as much).
+    # resumes there instead. The same outputs; a fifth less time at SD 1.5 size, not more, as a UNet's
+    # parameters (which cut the groups) sit in its middle and its compute at both ends.
     starts = {group: min(weights.first_step[layers[i].name] for i in members) for group, members in members_of.items()}
     fp, snapshots = weights.run_with_snapshots(probe, starts.values())
     base_mse = _mse(fp, expected)
