@@ -260,6 +260,7 @@ def test_other_components_convert_beside_the_unets_compression_only(tmp_path, mo
     monkeypatch.setattr(pipeline, "convert_in_subprocess", clock.convert)
     monkeypatch.setattr(pipeline, "compress_package", clock.compress)
     monkeypatch.setattr(pipeline, "reference", lambda run, component: None)
+    monkeypatch.setattr(pipeline, "analyse", lambda *args: None)
     recipe_file = tmp_path / "recipe.yaml"
     text = DEMO_RECIPE.read_text().replace("path: tiny-sd", f"path: {TINY_SOURCE}")
     if mixed_bit:
