@@ -13,6 +13,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -226,10 +227,9 @@ def convert_in_subprocess(recipe_file: Path, component: str, attention: Attentio
     """
 
     levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
-    context = multiprocessing.get_context("spawn")  # a fork would inherit this process's memory
     with ProcessPoolExecutor(
         max_workers=1,
-        mp_context=context,
+        mp_context=_conversion_context(),
         initializer=mirror_parent,
         initargs=(os.getpid(), levels, list(warnings.filters), tempfile.tempdir),
     ) as pool:
@@ -240,6 +240,47 @@ def convert_in_subprocess(recipe_file: Path, component: str, attention: Attentio
             raise PublisherError(
                 f"converting {component} ({attention}) stopped the converting process: out of memory, or killed"
             ) from None
+
+
+def _conversion_context() -> multiprocessing.context.BaseContext:
+    """Where conversions start: forked from a forkserver that imported their libraries once (on Linux).
+
+    A fork of this process would inherit its memory, so a conversion starts from a process that holds
+    only the libraries (:mod:`publisher.conversion_libraries`). Those read the environment when imported
+    (huggingface_hub its endpoint and cache folders), so a server started under another environment is
+    replaced. Elsewhere each conversion is spawned: macOS's system frameworks, which coremltools loads
+    there, are not safe to fork.
+    """
+    global _server_environment
+    if not sys.platform.startswith("linux"):
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    with _server_lock:
+        if _server_environment != dict(os.environ):
+            _stop_forkserver()
+            context.set_forkserver_preload(["publisher.conversion_libraries"])
+            _server_environment = dict(os.environ)
+    return context
+
+
+def stop_conversion_server() -> None:
+    """Stop the forkserver of the conversions, giving back the memory of its libraries (about 0.4 GB)."""
+    global _server_environment
+    with _server_lock:
+        _stop_forkserver()
+        _server_environment = None
+
+
+def _stop_forkserver() -> None:
+    # multiprocessing starts its forkserver on first use and keeps it for the life of the process: it
+    # has no public way to stop it; this is the one its own tests use. The next conversion starts a new one.
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()
+
+
+_server_lock = threading.Lock()
+_server_environment: dict[str, str] | None = None
 
 
 def _convert_alone(recipe_file: Path, component: str, attention: Attention, package: Path,
@@ -256,8 +297,9 @@ def _convert_alone(recipe_file: Path, component: str, attention: Attention, pack
 def _peak_rss() -> int:
     """This process's peak resident memory in bytes.
 
-    Linux's ``ru_maxrss`` survives fork and exec, so a spawned child would report its parent's size
-    at the fork; the address space's own high-water mark (``VmHWM``) starts afresh at exec.
+    Linux's ``ru_maxrss`` survives fork and exec, so a conversion would report the size of the
+    process it was started from; the address space's own high-water mark (``VmHWM``) is this process's:
+    what it shares with the forkserver it was forked from (the libraries) and what it maps itself.
     """
 
     status = Path("/proc/self/status")

@@ -10,6 +10,7 @@ one pipeline (a single-file checkpoint, a VAE file, LoRAs) is assembled into one
 from __future__ import annotations
 
 import json
+import multiprocessing.util
 import os
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from publisher.checkpoint import Assembly, assemble_source, weight_inputs
 from publisher.chunk import chunk_package
 from publisher.components import CHUNKS, chunk_names, component_spec, pipeline_components
 from publisher.compress import compress_package, mixed_analysis
-from publisher.convert import convert_in_subprocess
+from publisher.convert import convert_in_subprocess, stop_conversion_server
 from publisher.executor import LoadedProgram
 from publisher.language_model_parity import COMPONENT as LM_COMPONENT
 from publisher.language_model_parity import gate as gate_language_model
@@ -134,10 +135,13 @@ def publish(recipe_file: Path, out: Path, *, quiet: bool = False, push: PushOpti
     remove_abandoned_work(out)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-{os.getpid()}-", dir=out.parent))
     # coremltools writes temporary packages to the temp dir and does not always delete them.
-    # torch._dynamo records a cache folder under the temp dir when first imported (diffusers imports
-    # it lazily, e.g. in a scheduler's step): imported in the work folder, that path would outlive
-    # it in this process and in the environment its children inherit.
+    # Two libraries make a folder of their own under the temp dir on first use and keep its path for the
+    # life of the process: torch._dynamo a cache folder when first imported (diffusers imports it lazily,
+    # e.g. in a scheduler's step), multiprocessing the one of its forkserver's socket (the conversions').
+    # Made in the work folder, those paths would outlive it, in this process and in its children.
     import torch._dynamo  # noqa: F401
+
+    multiprocessing.util.get_temp_dir()
 
     previous_tempdir, tempfile.tempdir = tempfile.tempdir, str(work)
     try:
@@ -274,7 +278,10 @@ def cache_entry(cache: StageCache, monitor: Monitor, entries: dict[str, Path], r
 
 def build_variants(run: Run) -> Build:
     recipe = run.recipe
-    built = build_components(run)
+    try:
+        built = build_components(run)
+    finally:
+        stop_conversion_server()
     build = Build()
     for variant in recipe.variants:
         reports = []

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import textwrap
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import coremltools as ct
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from publisher import executor, parity
-from publisher.convert import convert_component, convert_in_subprocess, example_inputs
+from publisher.convert import _conversion_context, convert_component, convert_in_subprocess, example_inputs
 from publisher.errors import RecipeError
 from publisher.parity import psnr
 from publisher.pipeline import publish
@@ -440,33 +441,89 @@ def test_convert_in_subprocess_loads_the_controlnet_it_converts(tiny_controlnet,
     assert parity_db(recipe, load_source(recipe), "controlnet", converted.package) > 60
 
 
-def _death_signal_after_setup(parent: int) -> int:
-    """In a spawned child: the converting process's setup, then the signal it asked to get when its
-    parent dies (PR_GET_PDEATHSIG)."""
-    import ctypes
+def _set_up_then_sleep(parent: int) -> None:
+    """In a converting process: its setup, then a conversion that would outlast its publish."""
+    import time
     import warnings
 
     from publisher.child_process import mirror_parent
 
     mirror_parent(parent, {}, list(warnings.filters), None)
-    signal_number = ctypes.c_int()
-    ctypes.CDLL("libc.so.6").prctl(2, ctypes.byref(signal_number))
-    return signal_number.value
+    time.sleep(60)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_converting_process_dies_with_its_parent():
-    import multiprocessing
-    import signal
-    from concurrent.futures import ProcessPoolExecutor
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pidfd_open is Linux's")
+def test_converting_process_dies_with_its_publish():
+    import subprocess
+    import time
     from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        assert pool.submit(_death_signal_after_setup, os.getpid()).result() == signal.SIGKILL
-    # A parent already gone when the child starts: the child exits at once instead of converting.
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    publish = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with ProcessPoolExecutor(1, mp_context=_conversion_context()) as pool:
+        conversion = pool.submit(_set_up_then_sleep, publish.pid)
+        time.sleep(2)
+        publish.kill()
+        started = time.monotonic()
         with pytest.raises(BrokenProcessPool):
-            pool.submit(_death_signal_after_setup, os.getpid() + 10**6).result()
+            conversion.result(timeout=30)
+        assert time.monotonic() - started < 30
+    publish.wait()
+    # A publish already gone when the conversion starts: it exits at once instead of converting.
+    with ProcessPoolExecutor(1, mp_context=_conversion_context()) as pool:
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(_set_up_then_sleep, publish.pid).result(timeout=30)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pidfd_open is Linux's")
+def test_a_killed_publish_leaves_no_process_behind(tmp_path):
+    """SIGKILL while the UNet's compression runs beside the text encoder's conversion: the forkserver
+    and the conversion it forked die with the publish."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    publish_process = subprocess.Popen(
+        [sys.executable, "-m", "publisher", "publish", str(ROOT / "recipes" / "examples" / "tiny-sd-palettized.yaml"),
+         "--out", str(tmp_path / "out")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "COREML_PUBLISHER_CACHE": str(tmp_path / "cache")},
+    )
+    for line in publish_process.stdout:
+        if "convert original/unet" in line:
+            break
+    descendants = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until the text encoder's conversion runs, forked by the server
+        descendants = psutil.Process(publish_process.pid).children(recursive=True)
+        if any(process.ppid() != publish_process.pid for process in descendants):
+            break
+        time.sleep(0.05)
+    assert any(process.ppid() != publish_process.pid for process in descendants), descendants
+    publish_process.kill()
+    assert publish_process.wait(timeout=60) == -signal.SIGKILL
+    publish_process.stdout.close()
+    gone, alive = psutil.wait_procs(descendants, timeout=30)
+    assert alive == [], [(p.pid, p.ppid(), p.cmdline()[-3:]) for p in alive]
+
+
+def test_a_conversion_sees_the_environment_of_its_call(tmp_path, monkeypatch):
+    """Libraries read some variables when imported (huggingface_hub its endpoint and caches): a conversion
+    after a change of environment runs under the new one, though the forkserver imported them before."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with ProcessPoolExecutor(1, mp_context=_conversion_context()) as pool:
+        assert pool.submit(_hub_constants).result()[0] is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with ProcessPoolExecutor(1, mp_context=_conversion_context()) as pool:
+        assert pool.submit(_hub_constants).result() == (True, str(tmp_path / "hf-home" / "hub"))
+
+
+def _hub_constants() -> tuple[bool, str]:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE
 
 
 def test_convert_in_subprocess_reports_the_child_peak(tmp_path):
