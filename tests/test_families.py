@@ -441,7 +441,7 @@ def test_convert_in_subprocess_loads_the_controlnet_it_converts(tiny_controlnet,
     assert parity_db(recipe, load_source(recipe), "controlnet", converted.package) > 60
 
 
-def _set_up_then_sleep(parent: int) -> None:
+def _set_up_then_sleep(parent: int, ready: Path) -> None:
     """In a converting process: its setup, then a conversion that would outlast its publish."""
     import time
     import warnings
@@ -449,29 +449,33 @@ def _set_up_then_sleep(parent: int) -> None:
     from publisher.child_process import mirror_parent
 
     mirror_parent(parent, {}, list(warnings.filters), None)
+    ready.touch()
     time.sleep(60)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pidfd_open is Linux's")
-def test_converting_process_dies_with_its_publish():
+def test_converting_process_dies_with_its_publish(tmp_path):
     import subprocess
     import time
     from concurrent.futures.process import BrokenProcessPool
 
-    publish = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    publish = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    ready = tmp_path / "set-up"
     with ProcessPoolExecutor(1, mp_context=_conversion_context()) as pool:
-        conversion = pool.submit(_set_up_then_sleep, publish.pid)
-        time.sleep(2)
+        conversion = pool.submit(_set_up_then_sleep, publish.pid, ready)
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists()
         publish.kill()
-        started = time.monotonic()
-        with pytest.raises(BrokenProcessPool):
+        with pytest.raises(BrokenProcessPool):  # well before the conversion's 60 s sleep ends
             conversion.result(timeout=30)
-        assert time.monotonic() - started < 30
     publish.wait()
     # A publish already gone when the conversion starts: it exits at once instead of converting.
     with ProcessPoolExecutor(1, mp_context=_conversion_context()) as pool:
         with pytest.raises(BrokenProcessPool):
-            pool.submit(_set_up_then_sleep, publish.pid).result(timeout=30)
+            pool.submit(_set_up_then_sleep, publish.pid, tmp_path / "never").result(timeout=30)
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pidfd_open is Linux's")
