@@ -31,9 +31,9 @@ STAGES = ("source", "convert", "analysis", "compress", "chunk", "reference", "pa
 META = "entry.json"
 SHARED_MEMORY = Path("/dev/shm")
 # multiprocessing names its semaphores /mp-<random>; joblib's loky, once imported (coremltools imports
-# it through scikit-learn), renames every SemLock of the process /loky-<pid>-<random>. A lock of a spawn
-# or forkserver context (the conversion's process pool, tqdm's lock) is not unlinked until its process ends: a run
-# killed together with its resource tracker (a cancelled CI job kills the process group) leaves them.
+# it through scikit-learn), renames every SemLock of the process /loky-<pid>-<random>. A lock of a spawn or
+# forkserver context (the conversion's process pool, tqdm's lock) is not unlinked until its process ends:
+# a run killed together with its resource tracker (a cancelled CI job kills the process group) leaves them.
 SEMAPHORES = ("sem.mp-*", "sem.loky-*")
 
 

@@ -255,31 +255,28 @@ def _conversion_context() -> multiprocessing.context.BaseContext:
     if not sys.platform.startswith("linux"):
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
+    environment = dict(os.environ)
     with _server_lock:
-        if _server_environment != dict(os.environ):
-            _stop_forkserver()
+        if _server_environment != environment:
+            stop_conversion_server()
             context.set_forkserver_preload(["publisher.conversion_libraries"])
-            _server_environment = dict(os.environ)
+            _server_environment = environment
     return context
 
 
 def stop_conversion_server() -> None:
     """Stop the forkserver of the conversions, giving back the memory of its libraries (about 0.4 GB)."""
     global _server_environment
+    from multiprocessing import forkserver
+
     with _server_lock:
-        _stop_forkserver()
+        # multiprocessing starts its forkserver on first use and keeps it for the life of the process: it
+        # has no public way to stop it; this is the one its own tests use. The next conversion starts a new one.
+        forkserver._forkserver._stop()
         _server_environment = None
 
 
-def _stop_forkserver() -> None:
-    # multiprocessing starts its forkserver on first use and keeps it for the life of the process: it
-    # has no public way to stop it; this is the one its own tests use. The next conversion starts a new one.
-    from multiprocessing import forkserver
-
-    forkserver._forkserver._stop()
-
-
-_server_lock = threading.Lock()
+_server_lock = threading.RLock()  # reentered: a changed environment stops the server it replaces
 _server_environment: dict[str, str] | None = None
 
 
