@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import tracemalloc
+from collections.abc import Callable
 
 import coremltools as ct
 import numpy as np
@@ -273,6 +275,29 @@ def test_groups_palettized_together_equal_groups_palettized_alone(nbits, dtype):
         alone = palettize(group, nbits)
         assert lut.dtype == alone[0].dtype and lut.tobytes() == alone[0].tobytes()
         assert indices.tobytes() == alone[1].tobytes()
+
+
+def _traced_peak(run: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_weight_of_many_groups_is_palettized_in_bounded_memory(monkeypatch):
+    # A language model's embedding has thousands of channel groups: solved all at once, their searches
+    # held about 40 bytes per element of the weight (Qwen 2.5 1.5B's 0.47 GB embedding: 10.7 GB).
+    rng = np.random.default_rng(21)
+    weight = (rng.standard_normal((4 * 48 * 8, 512)) * 0.02).astype(np.float16)
+    few, many = np.split(weight[: 48 * 8], 48), np.split(weight, 4 * 48)
+    monkeypatch.setattr(palettize_module, "_SHARD_ELEMENTS", 16 * 8 * 512, raising=False)
+    assert _traced_peak(lambda: palettize_groups(many, 4)) < 1.5 * _traced_peak(lambda: palettize_groups(few, 4))
+    sharded = palettize_groups(many, 4)
+    monkeypatch.setattr(palettize_module, "_SHARD_ELEMENTS", weight.size, raising=False)
+    for (lut, indices), (whole_lut, whole_indices) in zip(sharded, palettize_groups(many, 4), strict=True):
+        assert lut.tobytes() == whole_lut.tobytes() and indices.tobytes() == whole_indices.tobytes()
 
 
 @pytest.mark.parametrize("weight", [
