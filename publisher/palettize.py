@@ -153,8 +153,9 @@ def palettize_groups(groups: list[np.ndarray], nbits: int) -> list[tuple[np.ndar
     """:func:`palettize` of every array in ``groups`` (a weight's channel groups), byte for byte.
 
     The groups run on all cores, and within a core their searches run side by side (see
-    :func:`_solve`): a grouped weight has up to hundreds of groups, and coremltools' own loop calls
-    the LUT function once per group.
+    :func:`_solve`): a grouped weight has up to thousands of groups, and coremltools' own loop calls
+    the LUT function once per group. They are solved in shards of at most ``_SHARD_ELEMENTS`` elements,
+    so the searches' memory is bounded by the shard, not by the weight.
 
     Args:
         groups: finite numeric arrays, each palettized on its own.
