@@ -35,37 +35,23 @@ GB = 1e9
 
 # Runs in the measured process, with the tree under test first on PYTHONPATH.
 _COMPRESS = """
-import hashlib, json, sys, threading, time
+import json, sys
 from pathlib import Path
 
+from full_scale import _anonymous_rss, tree_peak
 from publisher.assemble import make_deterministic
+from publisher.cache import hash_path
 from publisher.compress import compress_package
 from publisher.recipe import load_recipe
 
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-peak = [0]
-def sample():
-    while True:
-        peak[0] = max(peak[0], status("RssAnon:"))
-        time.sleep(0.05)
-threading.Thread(target=sample, daemon=True).start()
-
 recipe_file, component, package, out = sys.argv[1:5]
 scheme = load_recipe(Path(recipe_file)).compression.for_component(component)
-started = time.perf_counter()
-compress_package(Path(package), scheme, Path(out), component=component)
-seconds = time.perf_counter() - started
-peak[0] = max(peak[0], status("RssAnon:"))
+with tree_peak(_anonymous_rss) as anonymous:
+    seconds = compress_package(Path(package), scheme, Path(out), component=component).seconds
 make_deterministic(Path(out))
-digest = hashlib.sha256()
-for file in sorted(path for path in Path(out).rglob("*") if path.is_file()):
-    digest.update(str(file.relative_to(out)).encode())
-    digest.update(file.read_bytes())
-print(json.dumps({"seconds": seconds, "anonymous": peak[0], "rss": status("VmHWM:"), "hash": digest.hexdigest()[:16]}))
+# This address space's high-water mark: ru_maxrss would carry the benchmark's from the fork.
+rss = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": seconds, "anonymous": anonymous[0], "rss": rss, "hash": hash_path(Path(out))[:16]}))
 """
 
 
@@ -79,8 +65,9 @@ def convert_once(recipe: Path, component: str, package: Path) -> None:
 def compress_once(recipe: Path, component: str, package: Path, tree: Path | None) -> dict:
     """One compression of ``package`` in a fresh process, with ``tree``'s package when given."""
     env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+    # The tree under test first; this folder for the memory sampler full_scale.py measures with.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree) if tree else None, str(Path(__file__).parent),
+                                                      env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="compress-stage-", dir=package.parent) as scratch:
         command = [sys.executable, "-c", _COMPRESS, str(recipe), component, str(package),
                    str(Path(scratch) / "out.mlpackage")]
