@@ -292,10 +292,10 @@ def test_a_weight_of_many_groups_is_palettized_in_bounded_memory(monkeypatch):
     rng = np.random.default_rng(21)
     weight = (rng.standard_normal((4 * 48 * 8, 512)) * 0.02).astype(np.float16)
     few, many = np.split(weight[: 48 * 8], 48), np.split(weight, 4 * 48)
-    monkeypatch.setattr(palettize_module, "_SHARD_ELEMENTS", 16 * 8 * 512, raising=False)
+    monkeypatch.setattr(palettize_module, "_SHARD_ELEMENTS", 16 * 8 * 512)
     assert _traced_peak(lambda: palettize_groups(many, 4)) < 1.5 * _traced_peak(lambda: palettize_groups(few, 4))
     sharded = palettize_groups(many, 4)
-    monkeypatch.setattr(palettize_module, "_SHARD_ELEMENTS", weight.size, raising=False)
+    monkeypatch.setattr(palettize_module, "_SHARD_ELEMENTS", weight.size)
     for (lut, indices), (whole_lut, whole_indices) in zip(sharded, palettize_groups(many, 4), strict=True):
         assert lut.tobytes() == whole_lut.tobytes() and indices.tobytes() == whole_indices.tobytes()
 
